@@ -1,0 +1,151 @@
+"""Multi-token losses: target alignment, the reference loss, and the memory-efficient step.
+
+Target alignment (`align_targets`), for a window of L tokens fed as inputs x_0..x_{T-1}
+(T = L - extra, extra >= 0 extra tokens at the end give every head full targets):
+
+    head i (1-based) at position t  ->  target x_{t+i}      if t+i < L
+                                    ->  IGNORE (-100)       otherwise (never wrapped around)
+
+    e.g. L = T = 4, n = 2:    t = 0   1   2   3
+                     head 1:      x1  x2  x3  -
+                     head 2:      x2  x3  -   -
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .model import MTPModel
+
+IGNORE = -100
+
+
+def align_targets(tokens: Tensor, n_future: int, seq_len: int | None = None) -> Tensor:
+    """Targets (B, T, n_future) for inputs tokens[:, :T]; see the module docstring for the table."""
+    B, L = tokens.shape
+    T = L if seq_len is None else seq_len
+    if T > L:
+        raise ValueError(f"seq_len={T} is longer than the {L} tokens given")
+    targets = torch.full((B, T, n_future), IGNORE, dtype=torch.long, device=tokens.device)
+    for i in range(1, n_future + 1):
+        m = min(T, L - i)  # positions t < m have x_{t+i} inside the window
+        if m > 0:
+            targets[:, :m, i - 1] = tokens[:, i : i + m]
+    return targets
+
+
+def _upcast(x: Tensor) -> Tensor:
+    """Cross-entropy in at least fp32 (bf16 logits lose too much); fp64 stays fp64."""
+    return x.float() if x.element_size() < 4 else x
+
+
+def _head_weights(n: int, weights: Sequence[float] | None) -> list[float]:
+    if weights is None:
+        return [1.0] * n
+    if len(weights) != n:
+        raise ValueError(f"got {len(weights)} head weights for {n} heads")
+    return [float(w) for w in weights]
+
+
+def mtp_loss(logits: Tensor, tokens: Tensor, weights: Sequence[float] | None = None) -> tuple[Tensor, Tensor]:
+    """Reference loss: sum over heads of (weight x mean cross-entropy). Returns (loss, per-head losses).
+
+    logits: (B, T, n, V) from `MTPModel.forward(tokens[:, :T])`; tokens: (B, L >= T)."""
+    B, T, n, V = logits.shape
+    targets = align_targets(tokens, n, T)
+    per_head = torch.stack([
+        F.cross_entropy(_upcast(logits[:, :, i].reshape(-1, V)), targets[:, :, i].reshape(-1), ignore_index=IGNORE)
+        for i in range(n)
+    ])
+    w = torch.tensor(_head_weights(n, weights), device=per_head.device, dtype=per_head.dtype)
+    return (w * per_head).sum(), per_head
+
+
+def chunked_ce_backward(model: MTPModel, hidden: Tensor, targets: Tensor, scale: float,
+                        chunk_size: int | None) -> tuple[Tensor, Tensor]:
+    """Mean cross-entropy of one head from its hidden states, backpropagated chunk by chunk.
+
+    `hidden` (N, d) must be a leaf that requires grad: its .grad receives d(scale * loss)/d hidden,
+    and the shared norm/unembedding receive their gradients. At most `chunk_size` rows of logits
+    exist at a time (all rows when None). Returns (loss, number of counted targets), detached."""
+    N = hidden.shape[0]
+    count = int((targets != IGNORE).sum())
+    total = torch.zeros((), device=hidden.device)
+    if count == 0:
+        return total, torch.tensor(0)
+    step = N if chunk_size is None else max(1, chunk_size)
+    for start in range(0, N, step):
+        h = hidden[start : start + step]
+        t = targets[start : start + step]
+        logits = _upcast(model.unembed(h))
+        ce = F.cross_entropy(logits, t, ignore_index=IGNORE, reduction="sum")
+        (ce * (scale / count)).backward()
+        total += ce.detach()
+        del logits, ce  # free this chunk's logits before the next one
+    return total / count, torch.tensor(count)
+
+
+def mtp_backward(model: MTPModel, tokens: Tensor, weights: Sequence[float] | None = None, *,
+                 seq_len: int | None = None, chunk_size: int | None = None,
+                 loss_scale: float = 1.0) -> tuple[Tensor, Tensor]:
+    """Memory-efficient training step (forward and backward); returns (loss, per-head losses).
+
+    The trunk runs forward once; each head then runs forward and backward on a detached copy of
+    its input, so only one head's activations and logits are alive at a time, and its gradient
+    piles up at the trunk output; the trunk runs backward once at the end. Gradients equal those
+    of `(loss_scale * mtp_loss(model(tokens[:, :T]), tokens)[0]).backward()`.
+    With `chunk_size`, each head's cross-entropy is computed over at most that many positions at a
+    time, so not even one head's full (B*T, V) logits exist. Call inside autocast if wanted."""
+    n = model.cfg.n_future
+    w = _head_weights(n, weights)
+    B, L = tokens.shape
+    T = L if seq_len is None else seq_len
+    targets = align_targets(tokens, n, T)
+    inputs = tokens[:, :T]
+    rope = model.rope(model.default_positions(inputs))
+    z = model.trunk(inputs, rope)
+    z_leaf = z.detach().requires_grad_(True)
+    per_head = torch.zeros(n, device=tokens.device)
+
+    def head_loss(i: int, out: Tensor) -> Tensor:
+        """CE of head i on `out`; returns d loss / d out (gradient flowing into this head)."""
+        out_leaf = out.detach().requires_grad_(True)
+        loss, _ = chunked_ce_backward(model, out_leaf.view(B * T, -1), targets[:, :, i].reshape(-1),
+                                      loss_scale * w[i], chunk_size)
+        per_head[i] = loss
+        return out_leaf.grad if out_leaf.grad is not None else torch.zeros_like(out)
+
+    if model.cfg.head_type in ("parallel", "linear"):
+        # Heads are independent: forward + backward one at a time.
+        for i in range(n):
+            out = model.heads[i](z_leaf, rope)
+            out.backward(head_loss(i, out))
+            del out
+    else:
+        # Chained heads (causal / anticausal): head i feeds its child, so run the chain forward
+        # with a cut between heads, then backward from the last head to the first, passing the
+        # gradient at each cut to the parent. Logits still exist for one head (chunk) at a time.
+        inputs_of: dict[int, Tensor] = {}
+        outs: dict[int, Tensor] = {}
+        order = model.head_order()
+        for i in order:
+            parent = model.head_parent(i)
+            x = z_leaf if parent < 0 else outs[parent].detach().requires_grad_(True)
+            inputs_of[i] = x
+            outs[i] = model.heads[i](x, rope)
+        for i in reversed(order):
+            grad = head_loss(i, outs[i])
+            child = [c for c in order if model.head_parent(c) == i]
+            for c in child:
+                if inputs_of[c].grad is not None:
+                    grad = grad + inputs_of[c].grad
+            outs[i].backward(grad)
+            del outs[i]
+    if z_leaf.grad is not None:
+        z.backward(z_leaf.grad)
+    w_t = torch.tensor(w, device=per_head.device)
+    return (w_t * per_head).sum().detach(), per_head.detach()

@@ -1,0 +1,384 @@
+"""The multi-token prediction model: a Llama-style trunk, n heads, one shared norm and unembedding.
+
+Layout (parameter matched, as in the paper and the released checkpoints):
+
+    tokens -> embedding -> trunk (n_layers - n_future blocks) -> z
+    z -> head 1 .. head n (one block each by default) -> shared RMSNorm -> shared unembedding
+
+Head i predicts token t+i from position t. `forward` returns logits of shape (B, T, n_future, V);
+the loss lives in `mtp.loss`. The KV cache is set up apart from building the model
+(`setup_cache`) and covers the trunk and every head block.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+HEAD_TYPES = ("parallel", "linear", "causal", "anticausal")
+
+
+class ConfigError(ValueError):
+    """A model configuration that cannot work; the message is one line, meant for users."""
+
+
+@dataclass
+class ModelConfig:
+    """Model shape. `n_layers` counts trunk blocks plus head blocks, so changing `n_future`
+    keeps the parameter count (for transformer heads): the trunk has n_layers - n_future blocks."""
+
+    dim: int = 128
+    n_layers: int = 5
+    n_heads: int = 4
+    n_kv_heads: int | None = None  # None: same as n_heads (no grouping)
+    vocab_size: int = 8192
+    n_future: int = 1
+    head_type: str = "parallel"  # parallel | linear | causal | anticausal
+    hidden_dim: int | None = None  # FFN width; None: Meta's rule from multiple_of/ffn_dim_multiplier
+    multiple_of: int = 32
+    ffn_dim_multiplier: float | None = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_seq_len: int = 2048
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.n_future < 1:
+            raise ConfigError(f"n_future must be >= 1, got {self.n_future}")
+        if self.head_type not in HEAD_TYPES:
+            raise ConfigError(f"head_type must be one of {', '.join(HEAD_TYPES)}, got {self.head_type!r}")
+        if self.head_type != "linear" and self.n_future > self.n_layers:
+            raise ConfigError(
+                f"n_future={self.n_future} heads need at least as many layers, but n_layers={self.n_layers}"
+            )
+        if self.dim % self.n_heads:
+            raise ConfigError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}")
+        if (self.dim // self.n_heads) % 2:
+            raise ConfigError(f"head dim {self.dim // self.n_heads} must be even for RoPE")
+        if self.vocab_size < 1 or self.dim < 1 or self.n_layers < 1:
+            raise ConfigError("dim, n_layers and vocab_size must be positive")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def n_trunk(self) -> int:
+        # Linear heads are not transformer blocks, so every layer stays in the trunk.
+        return self.n_layers if self.head_type == "linear" else self.n_layers - self.n_future
+
+    @property
+    def ffn_dim(self) -> int:
+        if self.hidden_dim is not None:
+            return self.hidden_dim
+        hidden = int(2 * 4 * self.dim / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "ModelConfig":
+        """A named size (see `PRESETS`) with fields overridden, e.g. n_future=4, vocab_size=256."""
+        if name not in PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(overrides) - fields
+        if unknown:
+            raise ConfigError(f"unknown config field(s): {', '.join(sorted(unknown))}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - fields
+        if unknown:
+            raise ConfigError(f"unknown config field(s): {', '.join(sorted(unknown))}")
+        return cls(**d)
+
+
+# Sizes of the n=1 model; asking for n_future=n keeps n_layers, moving n-1 blocks from trunk to heads.
+# Paper Table S14 gives dim / layers / attention heads for 1M..7B; "tiny" is for tests and demos.
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(dim=64, n_layers=6, n_heads=4, n_kv_heads=2, vocab_size=512, max_seq_len=512),
+    "demo": dict(dim=192, n_layers=8, n_heads=6, n_kv_heads=2, vocab_size=4096, max_seq_len=512),
+    "1M": dict(dim=128, n_layers=5, n_heads=4),
+    "3M": dict(dim=256, n_layers=4, n_heads=8),
+    "10M": dict(dim=384, n_layers=6, n_heads=8),
+    "30M": dict(dim=512, n_layers=10, n_heads=8),
+    "100M": dict(dim=768, n_layers=14, n_heads=12),
+    "300M": dict(dim=1024, n_layers=25, n_heads=16),
+    "1B": dict(dim=1536, n_layers=36, n_heads=24),
+    "7B": dict(dim=4096, n_layers=32, n_heads=32, vocab_size=32000, multiple_of=256, max_seq_len=4096),
+}
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def rope_tables(head_dim: int, positions: Tensor, theta: float) -> tuple[Tensor, Tensor]:
+    """cos/sin for the half-rotation RoPE convention (as in Hugging Face Llama), shape (*pos, hd)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    angles = positions.to(torch.float32)[..., None] * inv_freq
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    # x: (B, S, H, hd); cos/sin: (B, S, hd) -> broadcast over heads.
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    return (x.float() * cos + rotated.float() * sin).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.cache_k: Tensor | None = None  # (B, L, H_kv, hd), set by MTPModel.setup_cache
+        self.cache_v: Tensor | None = None
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], ctx: "CacheContext | None") -> Tensor:
+        B, S, _ = x.shape
+        q = self.wq(x).view(B, S, self.n_heads, self.head_dim)
+        k = self.wk(x).view(B, S, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(B, S, self.n_kv_heads, self.head_dim)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if ctx is None:
+            out = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads,
+            )
+        else:
+            assert self.cache_k is not None and self.cache_v is not None, "call setup_cache() first"
+            # Write this step's keys/values at each row's own slots, then attend over the prefix.
+            self.cache_k[ctx.rows, ctx.slots] = k.to(self.cache_k.dtype)
+            self.cache_v[ctx.rows, ctx.slots] = v.to(self.cache_v.dtype)
+            keys = self.cache_k[:B, : ctx.kv_len].transpose(1, 2).to(q.dtype)
+            values = self.cache_v[:B, : ctx.kv_len].transpose(1, 2).to(q.dtype)
+            out = F.scaled_dot_product_attention(
+                q.transpose(1, 2), keys, values, attn_mask=ctx.mask[:, None],
+                enable_gqa=self.n_kv_heads != self.n_heads,
+            )
+        return self.wo(out.transpose(1, 2).reshape(B, S, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.w2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+        self.w3 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.feed_forward = FeedForward(cfg)
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], ctx: "CacheContext | None" = None) -> Tensor:
+        x = x + self.attention(self.attention_norm(x), rope, ctx)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class LinearHead(nn.Module):
+    """The paper's linear-head alternative: one dim x dim map per head, no attention."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], ctx: "CacheContext | None" = None) -> Tensor:
+        return self.proj(x)
+
+
+@dataclass
+class CacheContext:
+    """Where a cached forward reads and writes: per-row slots, and which cache slots each query sees."""
+
+    rows: Tensor  # (B, 1) row index, broadcast against slots
+    slots: Tensor  # (B, S) cache slot written by each input token
+    mask: Tensor  # (B, S, kv_len) True where the query may attend
+    kv_len: int
+
+
+def causal_cache_mask(positions: Tensor, kv_len: int) -> Tensor:
+    """Each query at position p sees cache slots 0..p (slot == position for chain decoding).
+    Slots past p may hold stale keys from rejected drafts; the mask hides them."""
+    slots = torch.arange(kv_len, device=positions.device)
+    return slots[None, None, :] <= positions[:, :, None]
+
+
+class MTPModel(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.trunk_layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_trunk))
+        head_cls = LinearHead if cfg.head_type == "linear" else Block
+        self.heads = nn.ModuleList(head_cls(cfg) for _ in range(cfg.n_future))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.cache_batch = 0
+        self.cache_len = 0
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        std = self.cfg.init_std
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(p)
+            elif name.endswith(("wo.weight", "w2.weight")):
+                # Residual-branch outputs scaled down with depth, as in GPT-2.
+                nn.init.normal_(p, std=std / math.sqrt(2 * self.cfg.n_layers))
+            else:
+                nn.init.normal_(p, std=std)
+
+    # ----- structure of the heads -------------------------------------------------------------
+    def head_parent(self, i: int) -> int:
+        """Index of the head whose output feeds head i (0-based), or -1 for the trunk output."""
+        if self.cfg.head_type == "causal":
+            return i - 1
+        if self.cfg.head_type == "anticausal":
+            return i + 1 if i + 1 < self.cfg.n_future else -1
+        return -1
+
+    def head_order(self) -> list[int]:
+        """Heads in an order where each head's parent comes first."""
+        n = self.cfg.n_future
+        return list(range(n - 1, -1, -1)) if self.cfg.head_type == "anticausal" else list(range(n))
+
+    # ----- forward pieces (used by the memory-efficient loss and by decoding) ----------------
+    def rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        return rope_tables(self.cfg.head_dim, positions, self.cfg.rope_theta)
+
+    def default_positions(self, tokens: Tensor) -> Tensor:
+        B, T = tokens.shape
+        return torch.arange(T, device=tokens.device).expand(B, T)
+
+    def trunk(self, tokens: Tensor, rope: tuple[Tensor, Tensor], ctx: CacheContext | None = None) -> Tensor:
+        x = self.tok_embeddings(tokens)
+        for layer in self.trunk_layers:
+            x = layer(x, rope, ctx)
+        return x
+
+    def head_hidden(self, z: Tensor, rope: tuple[Tensor, Tensor], ctx: CacheContext | None = None,
+                    heads: int | None = None) -> list[Tensor]:
+        """Hidden states (before the shared norm) of the first `heads` heads, in head order 1..n."""
+        n = self.cfg.n_future if heads is None else heads
+        outs: dict[int, Tensor] = {}
+        for i in self.head_order():
+            parent = self.head_parent(i)
+            if self.cfg.head_type != "anticausal" and i >= n:
+                break
+            outs[i] = self.heads[i](z if parent < 0 else outs[parent], rope, ctx)
+        return [outs[i] for i in range(n)]
+
+    def unembed(self, h: Tensor) -> Tensor:
+        return self.output(self.norm(h))
+
+    def forward(self, tokens: Tensor, input_pos: Tensor | None = None, *, slots: Tensor | None = None,
+                mask: Tensor | None = None, heads: int | None = None) -> Tensor:
+        """Logits (B, T, heads, V). Without `input_pos` this is a plain causal forward.
+
+        With `input_pos` (B, T) the KV cache is used: token (b, t) sits at RoPE position
+        input_pos[b, t], writes cache slot slots[b, t] (default: its position) and attends to the
+        slots where mask[b, t] is True (default: slots <= its position). Trees pass both.
+        """
+        if input_pos is None:
+            if tokens.shape[1] > self.cfg.max_seq_len:
+                raise ConfigError(f"sequence of {tokens.shape[1]} tokens exceeds max_seq_len={self.cfg.max_seq_len}")
+            rope = self.rope(self.default_positions(tokens))
+            ctx = None
+        else:
+            input_pos = input_pos.expand(tokens.shape) if input_pos.dim() == 1 else input_pos
+            ctx = self.cache_context(tokens, input_pos, slots, mask)
+            rope = self.rope(input_pos)
+        z = self.trunk(tokens, rope, ctx)
+        hs = self.head_hidden(z, rope, ctx, heads)
+        return self.unembed(torch.stack(hs, dim=2))
+
+    # ----- KV cache ---------------------------------------------------------------------------
+    def setup_cache(self, max_batch: int, max_len: int, dtype: torch.dtype | None = None,
+                    device: torch.device | str | None = None) -> None:
+        """Allocate key/value buffers for the trunk and every head block."""
+        if max_len > self.cfg.max_seq_len:
+            raise ConfigError(f"cache length {max_len} exceeds max_seq_len={self.cfg.max_seq_len}")
+        param = next(self.parameters())
+        dtype = dtype or param.dtype
+        device = device or param.device
+        shape = (max_batch, max_len, self.cfg.n_kv_heads, self.cfg.head_dim)
+        for m in self.modules():
+            if isinstance(m, Attention):
+                m.cache_k = torch.zeros(shape, dtype=dtype, device=device)
+                m.cache_v = torch.zeros(shape, dtype=dtype, device=device)
+        self.cache_batch, self.cache_len = max_batch, max_len
+
+    def clear_cache(self) -> None:
+        for m in self.modules():
+            if isinstance(m, Attention):
+                m.cache_k = m.cache_v = None
+        self.cache_batch = self.cache_len = 0
+
+    def cache_context(self, tokens: Tensor, input_pos: Tensor, slots: Tensor | None,
+                      mask: Tensor | None) -> CacheContext:
+        B, S = tokens.shape
+        if self.cache_len == 0 or self.trunk_layers and self.trunk_layers[0].attention.cache_k is None:
+            raise ConfigError("KV cache not set up: call model.setup_cache(max_batch, max_len) first")
+        if B > self.cache_batch:
+            raise ConfigError(f"batch of {B} exceeds the cache's max_batch={self.cache_batch}")
+        slots = input_pos if slots is None else slots
+        kv_len = int(slots.max()) + 1
+        if kv_len > self.cache_len:
+            raise ConfigError(f"position {kv_len - 1} is past the cache length {self.cache_len}")
+        if mask is None:
+            mask = causal_cache_mask(input_pos, kv_len)
+        else:
+            mask = mask[..., :kv_len]
+        rows = torch.arange(B, device=tokens.device)[:, None]
+        return CacheContext(rows=rows, slots=slots, mask=mask, kv_len=kv_len)
+
+    def cache_move(self, rows: Tensor, src: Tensor, dst: Tensor) -> None:
+        """Copy cached keys/values from slots `src` to slots `dst` (both (B, K)) for rows (B, 1):
+        compacts an accepted tree path into consecutive slots."""
+        for m in self.modules():
+            if isinstance(m, Attention) and m.cache_k is not None:
+                m.cache_k[rows, dst] = m.cache_k[rows, src].clone()
+                m.cache_v[rows, dst] = m.cache_v[rows, src].clone()
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.tok_embeddings.weight.numel() + self.output.weight.numel()
+        return n

@@ -1,0 +1,93 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mtp import IGNORE, ModelConfig, MTPModel, align_targets, mtp_backward, mtp_loss
+
+
+def test_align_targets_table():
+    x = torch.tensor([[10, 11, 12, 13]])
+    t = align_targets(x, 2)
+    assert t[0, :, 0].tolist() == [11, 12, 13, IGNORE]
+    assert t[0, :, 1].tolist() == [12, 13, IGNORE, IGNORE]
+
+
+def test_align_targets_with_extra_tokens_fills_every_head():
+    x = torch.arange(7)[None]  # T=4 inputs + 3 extra
+    t = align_targets(x, 3, seq_len=4)
+    assert t.shape == (1, 4, 3)
+    assert t[0].tolist() == [[1, 2, 3], [2, 3, 4], [3, 4, 5], [4, 5, 6]]
+
+
+def test_align_targets_never_wraps():
+    x = torch.tensor([[5, 6, 7]])
+    t = align_targets(x, 4)
+    assert (t[0, :, 3] == IGNORE).all()  # head 4 has no target inside a 3-token window
+    assert 5 not in t.tolist()  # the first token is never a target (no wrap-around)
+    with pytest.raises(ValueError):
+        align_targets(x, 2, seq_len=4)
+
+
+def test_mtp_loss_is_sum_of_head_cross_entropies():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 3, 11)
+    tokens = torch.randint(0, 11, (2, 8))
+    loss, per_head = mtp_loss(logits, tokens)
+    for i in range(3):
+        ref = F.cross_entropy(logits[:, :, i].reshape(-1, 11), tokens[:, i + 1:i + 6].reshape(-1))
+        torch.testing.assert_close(per_head[i], ref)
+    torch.testing.assert_close(loss, per_head.sum())
+    wloss, _ = mtp_loss(logits, tokens, weights=[1.0, 0.5, 0.0])
+    torch.testing.assert_close(wloss, per_head[0] + 0.5 * per_head[1])
+
+
+def _grads(model):
+    return {k: p.grad.detach().clone() for k, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("head_type", ["parallel", "linear", "causal", "anticausal"])
+@pytest.mark.parametrize("chunk", [None, 5, 1000])
+def test_memory_efficient_gradients_equal_reference(head_type, chunk):
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_preset("tiny", n_future=3, head_type=head_type, vocab_size=37)
+    model = MTPModel(cfg).double()
+    tokens = torch.randint(0, 37, (2, 14))
+    weights = [1.0, 0.7, 0.3]
+    model.zero_grad()
+    ref_loss, ref_heads = mtp_loss(model(tokens[:, :11]), tokens, weights)
+    (0.5 * ref_loss).backward()
+    ref = _grads(model)
+    model.zero_grad()
+    loss, heads = mtp_backward(model, tokens, weights, seq_len=11, chunk_size=chunk, loss_scale=0.5)
+    got = _grads(model)
+    assert set(got) == set(ref) == {k for k, _ in model.named_parameters()}
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-9, atol=1e-12, msg=k)
+    torch.testing.assert_close(heads.double(), ref_heads.detach().double(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(loss.double(), ref_loss.detach().double(), rtol=1e-6, atol=1e-6)
+
+
+def test_memory_efficient_with_ignored_tail_positions():
+    # No extra tokens: the last positions of later heads have no target and must be ignored.
+    torch.manual_seed(0)
+    model = MTPModel(ModelConfig.from_preset("tiny", n_future=4, vocab_size=29)).double()
+    tokens = torch.randint(0, 29, (3, 6))
+    model.zero_grad()
+    mtp_loss(model(tokens), tokens)[0].backward()
+    ref = _grads(model)
+    model.zero_grad()
+    mtp_backward(model, tokens, chunk_size=4)
+    for k, g in _grads(model).items():
+        torch.testing.assert_close(g, ref[k], rtol=1e-9, atol=1e-12)
+
+
+def test_memory_efficient_under_bf16_autocast_close_to_fp32():
+    torch.manual_seed(0)
+    model = MTPModel(ModelConfig.from_preset("tiny", n_future=2, vocab_size=64))
+    tokens = torch.randint(0, 64, (2, 34))
+    loss32, _ = mtp_backward(model, tokens, seq_len=32)
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss16, _ = mtp_backward(model, tokens, seq_len=32, chunk_size=16)
+    assert abs(float(loss16) - float(loss32)) < 0.05
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
