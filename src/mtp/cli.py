@@ -1,0 +1,297 @@
+"""The `mtp` command: parses arguments and calls library functions; nothing else lives here."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import typing
+from pathlib import Path
+from typing import Any, Sequence
+
+
+def _parse_value(text: str) -> Any:
+    import yaml
+
+    return yaml.safe_load(text)
+
+
+def _optional_int(text: str) -> int | None:
+    return None if text.lower() in ("none", "null", "off", "0") else int(text)
+
+
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One flag per dataclass field (--field-name), help from the field's comment-free default.
+    Flags default to SUPPRESS so that only what the user typed overrides the YAML file."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": f"(default: {default})"}
+        hint = hints[f.name]
+        if hint is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif hint == dict[str, Any]:
+            parser.add_argument(flag, action="append", metavar="KEY=VALUE",
+                                help="model config override, repeatable (e.g. --model dim=96)", dest=f.name,
+                                default=argparse.SUPPRESS)
+        elif hint == (list[float] | None):
+            parser.add_argument(flag, type=float, nargs="+", **kw)
+        elif hint == (int | None):
+            parser.add_argument(flag, type=_optional_int, **kw)
+        else:
+            parser.add_argument(flag, type=hint, **kw)
+
+
+def build_train_config(args: argparse.Namespace):
+    from .train import TrainConfig
+
+    values: dict[str, Any] = {}
+    if getattr(args, "config", None):
+        import yaml
+
+        path = Path(args.config)
+        if not path.exists():
+            raise ValueError(f"config file {path} does not exist")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"config file {path} must hold a mapping of TrainConfig fields")
+        values.update(loaded)
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    for name in names - {"model"}:
+        if hasattr(args, name):
+            values[name] = getattr(args, name)
+    model: dict[str, Any] = dict(values.get("model") or {})
+    for pair in getattr(args, "model", None) or []:  # --model k=v pairs refine the YAML's model
+        if "=" not in pair:
+            raise ValueError(f"--model expects KEY=VALUE, got {pair!r}")
+        k, v = pair.split("=", 1)
+        model[k.strip()] = _parse_value(v)
+    values["model"] = model
+    unknown = set(values) - names
+    if unknown:
+        raise ValueError(f"unknown training option(s): {', '.join(sorted(unknown))}")
+    return TrainConfig(**values)
+
+
+# ----- commands ----------------------------------------------------------------------------------
+
+def cmd_prepare(args: argparse.Namespace) -> None:
+    from .data import prepare
+
+    meta = prepare(args.source, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+                   val_fraction=args.val_fraction, max_bytes=args.max_bytes)
+    print(f"prepared {args.out}: {meta['n_train_tokens']:,} train / {meta['n_val_tokens']:,} val tokens, "
+          f"{meta['tokenizer']} tokenizer with {meta['vocab_size']} tokens")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from .train import train
+
+    cfg = build_train_config(args)
+    result = train(cfg)
+    if result["val"] is not None:
+        heads = ", ".join(f"head {i + 1}: loss {l:.3f} acc {a:.1%}"
+                          for i, (l, a) in enumerate(zip(result["val"]["loss"], result["val"]["acc"])))
+        print(f"final validation ({result['step']} steps): {heads}")
+    print(f"checkpoint: {result['out']}  (plot: {Path(result['out']) / 'loss_curves.png'})")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from .checkpoint import load_model
+    from .data import TokenData
+    from .distributed import pick_device
+    from .train import evaluate
+
+    device = pick_device(args.device)
+    model, _ = load_model(args.checkpoint, device=device)
+    data = TokenData(args.data, args.split)
+    if data.tokens.max(initial=0) >= model.cfg.vocab_size:
+        raise ValueError(f"{args.data} holds token ids >= the model's vocab_size={model.cfg.vocab_size}: wrong tokenizer")
+    res = evaluate(model, data, args.batch_size, args.seq_len, args.batches, device, args.dtype)
+    if args.json:
+        print(json.dumps(res))
+        return
+    print("head  target  loss    top-1")
+    for i, (l, a) in enumerate(zip(res["loss"], res["acc"])):
+        print(f"{i + 1:>4}  t+{i + 1:<5} {l:7.4f} {a:7.2%}")
+
+
+def cmd_presets(args: argparse.Namespace) -> None:
+    from .model import PRESETS, ModelConfig
+
+    print(f"{'preset':>7} {'dim':>5} {'layers':>6} {'heads':>5} {'vocab':>6} {'params (n=1)':>13}")
+    for name, p in PRESETS.items():
+        cfg = ModelConfig.from_preset(name)
+        d, L, V, f = cfg.dim, cfg.n_layers, cfg.vocab_size, cfg.ffn_dim
+        kv = cfg.n_kv_heads * cfg.head_dim
+        block = 2 * d * d + 2 * d * kv + 3 * d * f + 2 * d
+        total = L * block + 2 * V * d + d
+        print(f"{name:>7} {d:>5} {L:>6} {cfg.n_heads:>5} {V:>6} {total / 1e6:>12.1f}M")
+
+
+# ----- decoding commands -------------------------------------------------------------------------
+
+def _read_prompts(args: argparse.Namespace) -> list[str]:
+    prompts: list[str] = []
+    if getattr(args, "prompt", None):
+        prompts.extend(args.prompt)
+    if getattr(args, "batch", None):
+        path = Path(args.batch)
+        if not path.exists():
+            raise ValueError(f"prompt file {path} does not exist")
+        text = path.read_text()
+        prompts.extend(json.loads(line)["prompt"] if line.lstrip().startswith("{") else line.replace("\\n", "\n")
+                       for line in text.splitlines() if line.strip())
+    return prompts
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from .checkpoint import load_model
+    from .distributed import pick_device
+    from .generate import generate
+    from .speculative import speculative_generate, tree_generate
+
+    device = pick_device(args.device)
+    model, tok = load_model(args.checkpoint, device=device)
+    if tok is None:
+        raise ValueError(f"{args.checkpoint} has no tokenizer.json; cannot encode text prompts")
+    prompts = _read_prompts(args)
+    if not prompts:
+        raise ValueError("give a --prompt or a --batch file of prompts")
+    ids = [tok.encode(p) for p in prompts]
+    stop = () if args.no_stop else (tok.eos_id,)
+    spec = args.speculative
+    if spec is None:
+        res = generate(model, ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                       top_p=args.top_p, seed=args.seed, stop_tokens=stop)
+    elif spec == "tree":
+        res = tree_generate(model, ids, args.max_new_tokens, stop_tokens=stop)
+    else:
+        res = speculative_generate(model, ids, args.max_new_tokens, k=int(spec), temperature=args.temperature,
+                                   seed=args.seed, stop_tokens=stop)
+    for prompt, out in zip(prompts, res.tokens):
+        print(prompt + tok.decode(out))
+        if len(prompts) > 1:
+            print("-" * 40)
+    print(f"[{sum(len(t) for t in res.tokens)} tokens in {res.forwards} forwards]", file=sys.stderr)
+
+
+def cmd_bench_decode(args: argparse.Namespace) -> None:
+    from .checkpoint import load_model
+    from .distributed import pick_device
+    from .speculative import decode_benchmark, default_modes, format_table
+
+    device = pick_device(args.device)
+    model, tok = load_model(args.checkpoint, device=device)
+    if tok is None:
+        raise ValueError(f"{args.checkpoint} has no tokenizer.json; cannot encode prompts")
+    prompts = _read_prompts(args) or default_bench_prompts()
+    ids = [tok.encode(p) for p in prompts]
+    modes = args.modes or default_modes(model)
+    for bs in args.batch_size:
+        rows = decode_benchmark(model, ids, args.max_new_tokens, modes, batch_size=bs)
+        print(format_table(rows), flush=True)
+
+
+def default_bench_prompts() -> list[str]:
+    """Held-out code prompts (not from the standard library corpus)."""
+    return [
+        "def fibonacci(n):\n    ",
+        "class Stack:\n    def __init__(self):\n        ",
+        "import os\n\n\ndef list_files(path):\n    ",
+        "def parse_args(argv=None):\n    parser = argparse.ArgumentParser(",
+        "    for i in range(len(items)):\n        if ",
+        "def read_config(filename):\n    with open(filename) as f:\n        ",
+        "class Point:\n    def __init__(self, x, y):\n        self.x = x\n        ",
+        "def is_prime(n):\n    if n < 2:\n        return False\n    ",
+    ]
+
+
+# ----- entry point -------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    from .train import TrainConfig
+
+    p = argparse.ArgumentParser(prog="mtp", description="Multi-token prediction language models")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    pp = sub.add_parser("prepare", help="tokenize a corpus into memory-mapped token files")
+    pp.add_argument("source", nargs="?", default=None,
+                    help="directory or text file; default: this Python's standard library source")
+    pp.add_argument("--out", required=True, help="output directory")
+    pp.add_argument("--tokenizer", choices=["bpe", "byte"], default="bpe")
+    pp.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary size")
+    pp.add_argument("--val-fraction", type=float, default=0.05)
+    pp.add_argument("--max-bytes", type=int, default=None, help="cap the corpus size (quick runs)")
+    pp.set_defaults(func=cmd_prepare)
+
+    pt = sub.add_parser("train", help="train a multi-token prediction model")
+    pt.add_argument("--config", help="YAML file of TrainConfig fields (flags override it)")
+    add_dataclass_flags(pt, TrainConfig)
+    pt.set_defaults(func=cmd_train)
+
+    pe = sub.add_parser("eval", help="per-head validation loss and top-1 accuracy")
+    pe.add_argument("--checkpoint", required=True)
+    pe.add_argument("--data", required=True, help="directory made by `mtp prepare` (same tokenizer)")
+    pe.add_argument("--split", default="val", choices=["train", "val"])
+    pe.add_argument("--batch-size", type=int, default=8)
+    pe.add_argument("--seq-len", type=int, default=256)
+    pe.add_argument("--batches", type=int, default=20)
+    pe.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    pe.add_argument("--device", default="auto")
+    pe.add_argument("--json", action="store_true", help="print JSON")
+    pe.set_defaults(func=cmd_eval)
+
+    pg = sub.add_parser("generate", help="generate text, optionally with self-speculative decoding")
+    pg.add_argument("--checkpoint", required=True)
+    pg.add_argument("--prompt", action="append", help="prompt text (repeatable: a batch)")
+    pg.add_argument("--batch", help="file of prompts, one per line (\\n escapes) or JSONL with a 'prompt' key")
+    pg.add_argument("--speculative", default=None, help="k (drafts from heads 2..k+1) or 'tree'")
+    pg.add_argument("--max-new-tokens", type=int, default=128)
+    pg.add_argument("--temperature", type=float, default=0.0)
+    pg.add_argument("--top-k", type=int, default=None)
+    pg.add_argument("--top-p", type=float, default=None)
+    pg.add_argument("--seed", type=int, default=None)
+    pg.add_argument("--no-stop", action="store_true", help="do not stop at end-of-text")
+    pg.add_argument("--device", default="auto")
+    pg.set_defaults(func=cmd_generate)
+
+    pb = sub.add_parser("bench", help="benchmarks")
+    bsub = pb.add_subparsers(dest="bench", required=True)
+    pbd = bsub.add_parser("decode", help="plain greedy vs self-speculative decoding, side by side")
+    pbd.add_argument("--checkpoint", required=True)
+    pbd.add_argument("--prompt", action="append")
+    pbd.add_argument("--batch", help="file of prompts")
+    pbd.add_argument("--batch-size", type=int, nargs="+", default=[1])
+    pbd.add_argument("--max-new-tokens", type=int, default=128)
+    pbd.add_argument("--modes", nargs="+", default=None, help="e.g. greedy spec1 spec2 spec3 tree")
+    pbd.add_argument("--device", default="auto")
+    pbd.set_defaults(func=cmd_bench_decode)
+
+    ps = sub.add_parser("presets", help="list the named model sizes")
+    ps.set_defaults(func=cmd_presets)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError, FloatingPointError, RuntimeError) as e:
+        # Our errors are ValueError subclasses with one-line messages; show them without a traceback.
+        if os.environ.get("MTP_DEBUG"):
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"mtp {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; resume with --resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

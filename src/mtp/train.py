@@ -1,0 +1,337 @@
+"""The training loop: AdamW, warmup + cosine schedule, accumulation, autocast, eval, checkpoints.
+
+A run is a pure function of its config and seed: the batch for step s is `TokenData.batch(s)`, so
+resuming from a checkpoint at step s reproduces the loss curve of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from . import checkpoint as ckpt_io
+from . import distributed
+from .data import DataError, TokenData, Tokenizer, validation_batches
+from .loss import IGNORE, align_targets, mtp_backward
+from .model import ConfigError, ModelConfig, MTPModel
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; settable from YAML and from `mtp train --flag value`."""
+
+    data: str = "data/stdlib-bpe"  # a directory made by `mtp prepare`
+    out: str = "runs/mtp"  # run directory: checkpoints, logs, plots
+    preset: str = "tiny"  # model size, see mtp.model.PRESETS
+    n_future: int = 4  # number of heads (tokens predicted per position)
+    head_type: str = "parallel"  # parallel | linear | causal | anticausal
+    model: dict[str, Any] = field(default_factory=dict)  # ModelConfig overrides, e.g. {"dim": 96}
+    head_weights: list[float] | None = None  # loss weight per head; None: unweighted sum
+    steps: int = 1000  # optimizer steps
+    batch_size: int = 16  # sequences per micro-batch
+    seq_len: int = 256  # tokens per sequence
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 1e-3  # peak learning rate
+    warmup: int = 100  # linear warmup steps
+    min_lr_ratio: float = 0.03  # cosine decays to this fraction of the peak (paper: 0.03)
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 disables clipping
+    dtype: str = "bf16"  # autocast dtype: bf16 | fp32
+    chunk_size: int | None = 2048  # positions per cross-entropy chunk; None: whole head at once
+    compile: bool = False  # torch.compile the trunk and head blocks
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    seed: int = 0
+    eval_every: int = 200  # steps between validations (0: only at the end)
+    eval_batches: int = 10
+    save_every: int = 200  # steps between checkpoints (the last step is always saved)
+    keep: int = 2  # checkpoints kept on disk
+    log_every: int = 10
+    resume: bool = False  # continue from out/latest if it exists
+    progress: bool = True  # show a progress bar
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "seq_len", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.dtype not in ("bf16", "fp32"):
+            raise ConfigError(f"dtype must be bf16 or fp32, got {self.dtype!r}")
+        if self.lr <= 0:
+            raise ConfigError(f"lr must be positive, got {self.lr}")
+
+    def model_config(self, vocab_size: int) -> ModelConfig:
+        overrides = {"n_future": self.n_future, "head_type": self.head_type, "vocab_size": vocab_size,
+                     **self.model}
+        cfg = ModelConfig.from_preset(self.preset, **overrides)
+        if cfg.vocab_size < vocab_size:
+            raise ConfigError(f"model vocab_size={cfg.vocab_size} is smaller than the tokenizer's {vocab_size}")
+        if self.seq_len > cfg.max_seq_len:
+            raise ConfigError(f"seq_len={self.seq_len} exceeds the model's max_seq_len={cfg.max_seq_len}")
+        return cfg
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to the peak, then cosine decay to min_lr_ratio x peak at the last step."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    span = max(1, cfg.steps - cfg.warmup)
+    progress = min(1.0, (step - cfg.warmup) / span)
+    ratio = cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return cfg.lr * ratio
+
+
+def make_optimizer(model: MTPModel, cfg: TrainConfig) -> torch.optim.AdamW:
+    # Decoupled weight decay on matrices only; norms' gains are left alone.
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+
+
+def autocast(device: torch.device, dtype: str):
+    if dtype == "fp32":
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+@torch.no_grad()
+def evaluate(model: MTPModel, data: TokenData, batch_size: int, seq_len: int, max_batches: int,
+             device: torch.device, dtype: str = "fp32") -> dict[str, list[float]]:
+    """Per-head validation cross-entropy and top-1 accuracy over the first windows of a split."""
+    n = model.cfg.n_future
+    loss_sum = torch.zeros(n, dtype=torch.float64)
+    correct = torch.zeros(n, dtype=torch.float64)
+    count = torch.zeros(n, dtype=torch.float64)
+    was_training = model.training
+    model.eval()
+    for tokens in validation_batches(data, batch_size, seq_len, n, max_batches):
+        tokens = tokens.to(device)
+        targets = align_targets(tokens, n, seq_len)
+        with autocast(device, dtype):
+            logits = model(tokens[:, :seq_len])
+        for i in range(n):
+            lg = logits[:, :, i].reshape(-1, logits.shape[-1]).float()
+            tg = targets[:, :, i].reshape(-1)
+            valid = tg != IGNORE
+            loss_sum[i] += F.cross_entropy(lg, tg, ignore_index=IGNORE, reduction="sum").double().cpu()
+            correct[i] += ((lg.argmax(-1) == tg) & valid).sum().double().cpu()
+            count[i] += valid.sum().double().cpu()
+    model.train(was_training)
+    count = count.clamp(min=1)
+    return {"loss": (loss_sum / count).tolist(), "acc": (correct / count).tolist()}
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class MetricsLog:
+    """metrics.jsonl in the run directory; on resume, records past the resumed step are dropped
+    so the file always describes one consistent run."""
+
+    def __init__(self, path: Path, resume_step: int | None) -> None:
+        self.path = path
+        self.records: list[dict[str, Any]] = []
+        if resume_step is not None and path.exists():
+            for line in path.read_text().splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut short by a crash
+                if rec.get("step", 0) <= resume_step:
+                    self.records.append(rec)
+        path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+
+    def add(self, rec: dict[str, Any]) -> None:
+        self.records.append(rec)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+
+def plot_losses(records: list[dict[str, Any]], path: Path) -> None:
+    """Per-head training (and validation) loss curves, one line per head."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [r for r in records if r.get("kind") == "train"]
+    val = [r for r in records if r.get("kind") == "val"]
+    if not train:
+        return
+    n = len(train[0]["head_loss"])
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i in range(n):
+        line, = ax.plot([r["step"] for r in train], [r["head_loss"][i] for r in train], lw=1, alpha=0.8,
+                        label=f"head {i + 1} (t+{i + 1}) train")
+        if val:
+            ax.plot([r["step"] for r in val], [r["head_loss"][i] for r in val], "o--", color=line.get_color(),
+                    label=f"head {i + 1} val")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats)")
+    ax.set_title("per-head loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def train(cfg: TrainConfig, stop_after: int | None = None,
+          on_log: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Run (or resume) training; returns the final validation metrics and the run directory.
+
+    `stop_after` ends the run early after that many steps, as a crash would (used in tests)."""
+    dist = distributed.init(cfg.device)
+    device = dist.device
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out)
+    train_data = TokenData(cfg.data, "train")
+    val_data: TokenData | None = TokenData(cfg.data, "val")
+    tokenizer = Tokenizer.load(cfg.data)
+    mcfg = cfg.model_config(tokenizer.vocab_size)
+    model = MTPModel(mcfg).to(device)
+    opt = make_optimizer(model, cfg)
+
+    start = 0
+    latest = ckpt_io.latest_checkpoint(out) if cfg.resume else None
+    if latest is not None:
+        saved_cfg = ckpt_io.load_config(latest)
+        if saved_cfg != mcfg:
+            raise ConfigError(f"--resume: the model config differs from the one saved in {latest}")
+        ckpt_io.load_weights(model, latest)
+        state = ckpt_io.load_trainer_state(latest)
+        opt.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"])
+        start = state["step"]
+    elif out.exists() and any(out.glob("ckpt-*")) and not cfg.resume:
+        raise ConfigError(f"{out} already holds checkpoints; pass --resume to continue or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    log = MetricsLog(out / "metrics.jsonl", start if latest is not None else None)
+    writer = _tensorboard(out) if dist.is_main else None
+
+    if cfg.compile:
+        for block in [*model.trunk_layers, *model.heads]:
+            block.compile()
+
+    if val_data.num_windows(cfg.seq_len, mcfg.n_future) < 1:
+        if dist.is_main:
+            print(f"warning: the validation split of {cfg.data} is shorter than one window; skipping validation")
+        val_data = None
+    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * dist.world_size
+    if dist.is_main:
+        print(f"model: {mcfg.n_trunk} trunk blocks + {mcfg.n_future} {mcfg.head_type} heads, dim {mcfg.dim}, "
+              f"vocab {mcfg.vocab_size}, {model.num_params() / 1e6:.2f}M parameters; "
+              f"{len(train_data.tokens):,} training tokens; device {device}"
+              + (f"; resuming at step {start}" if start else ""), flush=True)
+    bar = _progress(cfg, start, dist.is_main)
+    end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
+    final_eval: dict[str, list[float]] | None = None
+    model.train()
+    t_last, last_logged = time.perf_counter(), start
+    for step in range(start, end):
+        lr = lr_at(step, cfg)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        head_loss = torch.zeros(mcfg.n_future)
+        for micro in range(cfg.grad_accum):
+            batch = train_data.batch(step * cfg.grad_accum + micro, cfg.batch_size, cfg.seq_len, mcfg.n_future,
+                                     seed=cfg.seed, rank=dist.rank, world_size=dist.world_size).to(device)
+            with autocast(device, cfg.dtype):
+                _, per_head = mtp_backward(model, batch, cfg.head_weights, seq_len=cfg.seq_len,
+                                      chunk_size=cfg.chunk_size, loss_scale=1.0 / cfg.grad_accum)
+            head_loss += per_head.float().cpu() / cfg.grad_accum
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        done = step + 1
+        loss = float(head_loss.sum()) if cfg.head_weights is None else float(
+            (head_loss * torch.tensor(cfg.head_weights)).sum())
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"loss became {loss} at step {done}; lower --lr or use --dtype fp32")
+        if done % cfg.log_every == 0 or done == end:
+            now = time.perf_counter()
+            tok_s = tokens_per_step * (done - last_logged) / max(1e-9, now - t_last)
+            t_last, last_logged = now, done
+            rec = {"kind": "train", "step": done, "loss": loss, "head_loss": head_loss.tolist(), "lr": lr,
+                   "grad_norm": float(grad_norm), "tokens_per_s": tok_s}
+            log.add(rec)
+            if writer is not None:
+                writer.add_scalar("train/loss", loss, done)
+                writer.add_scalar("train/lr", lr, done)
+                writer.add_scalar("train/tokens_per_s", tok_s, done)
+                for i, v in enumerate(head_loss.tolist()):
+                    writer.add_scalar(f"train/head{i + 1}_loss", v, done)
+            if on_log is not None:
+                on_log(rec)
+            if bar is not None:
+                bar.set_postfix(loss=f"{loss:.3f}", h1=f"{head_loss[0]:.3f}", tok_s=f"{tok_s:,.0f}")
+        if bar is not None:
+            bar.update(1)
+        last = done == cfg.steps
+        if val_data is not None and ((cfg.eval_every and done % cfg.eval_every == 0) or last):
+            final_eval = evaluate(model, val_data, cfg.batch_size, cfg.seq_len, cfg.eval_batches, device, cfg.dtype)
+            rec = {"kind": "val", "step": done, "loss": final_eval["loss"][0], "head_loss": final_eval["loss"],
+                   "head_acc": final_eval["acc"]}
+            log.add(rec)
+            if writer is not None:
+                for i, (l_, a_) in enumerate(zip(final_eval["loss"], final_eval["acc"])):
+                    writer.add_scalar(f"val/head{i + 1}_loss", l_, done)
+                    writer.add_scalar(f"val/head{i + 1}_acc", a_, done)
+            if dist.is_main:
+                heads = "  ".join(f"h{i + 1} {l_:.3f}/{a_:.1%}" for i, (l_, a_) in
+                                  enumerate(zip(final_eval["loss"], final_eval["acc"])))
+                _write(bar, f"step {done} val loss/acc per head: {heads}")
+        if dist.is_main and ((cfg.save_every and done % cfg.save_every == 0) or last):
+            state = {"step": done, "optimizer": opt.state_dict(), "rng": rng_state()}
+            ckpt_io.save_checkpoint(out, done, model, tokenizer, state, dataclasses.asdict(cfg), keep=cfg.keep)
+            plot_losses(log.records, out / "loss_curves.png")
+    if bar is not None:
+        bar.close()
+    if writer is not None:
+        writer.close()
+    return {"out": str(out), "step": end, "val": final_eval, "records": log.records}
+
+
+def _progress(cfg: TrainConfig, start: int, main: bool):
+    if not (cfg.progress and main):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=cfg.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+
+
+def _write(bar: Any, msg: str) -> None:
+    if bar is not None:
+        bar.write(msg)
+    else:
+        print(msg, flush=True)
+
+
+def _tensorboard(out: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is a dependency, but logs are optional
+        return None
+    return SummaryWriter(log_dir=str(out / "tb"))

@@ -1,0 +1,131 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mtp.checkpoint import CheckpointError, load_model, resolve_checkpoint
+from mtp.cli import main
+from mtp.data import prepare
+from mtp.train import TrainConfig, lr_at, train
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """A small prepared byte-level corpus built from a few standard-library files."""
+    import sysconfig
+
+    src = tmp_path_factory.mktemp("src")
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for name in ["textwrap.py", "glob.py", "fnmatch.py", "shlex.py", "bisect.py", "colorsys.py"]:
+        (src / name).write_text((stdlib / name).read_text())
+    out = tmp_path_factory.mktemp("data")
+    prepare(src, out, tokenizer="byte", val_fraction=0.2)
+    return out
+
+
+def cfg(corpus: Path, out: Path, **kw) -> TrainConfig:
+    base = dict(data=str(corpus), out=str(out), preset="tiny", n_future=2, steps=12, batch_size=4, seq_len=32,
+                lr=3e-3, warmup=3, eval_every=6, eval_batches=2, save_every=4, log_every=1, dtype="fp32",
+                progress=False, chunk_size=50)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_lr_schedule_warmup_then_cosine_to_floor():
+    c = TrainConfig(steps=100, warmup=10, lr=1.0, min_lr_ratio=0.03)
+    assert lr_at(0, c) == pytest.approx(0.1)
+    assert lr_at(9, c) == pytest.approx(1.0)
+    assert lr_at(10, c) == pytest.approx(1.0)
+    assert lr_at(100, c) == pytest.approx(0.03)
+    assert all(lr_at(s, c) >= lr_at(s + 1, c) for s in range(10, 99))
+
+
+def test_training_reduces_loss_and_writes_checkpoint(corpus, tmp_path):
+    res = train(cfg(corpus, tmp_path / "run", steps=30, eval_every=30))
+    train_recs = [r for r in res["records"] if r["kind"] == "train"]
+    assert len(train_recs[0]["head_loss"]) == 2
+    assert train_recs[-1]["loss"] < train_recs[0]["loss"] - 1.0
+    ck = resolve_checkpoint(tmp_path / "run")
+    assert ck.name == "ckpt-00000030"
+    for f in ["config.json", "model.safetensors", "tokenizer.json", "trainer_state.pt", "train_config.json"]:
+        assert (ck / f).exists(), f
+    assert (tmp_path / "run" / "loss_curves.png").stat().st_size > 1000
+    assert len(list((tmp_path / "run").glob("ckpt-*"))) == 2  # keep=2
+    model, tok = load_model(tmp_path / "run")
+    assert model.cfg.n_future == 2 and tok.vocab_size <= model.cfg.vocab_size
+    assert len(res["val"]["loss"]) == 2 and 0 <= res["val"]["acc"][0] <= 1
+
+
+def test_resume_reproduces_uninterrupted_loss_curve(corpus, tmp_path):
+    full = train(cfg(corpus, tmp_path / "a", grad_accum=2))
+    train(cfg(corpus, tmp_path / "b", grad_accum=2), stop_after=5)  # "crash" after step 5 (saved at 4)
+    # Steps 5 was done but not saved; the resumed run redoes it from the step-4 checkpoint.
+    resumed = train(cfg(corpus, tmp_path / "b", grad_accum=2, resume=True))
+    a = [(r["kind"], r["step"], r["loss"]) for r in full["records"]]
+    b = [(r["kind"], r["step"], r["loss"]) for r in resumed["records"]]
+    assert a == b
+    lines = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [r["step"] for r in full["records"]]
+
+
+def test_refuses_to_overwrite_run_without_resume(corpus, tmp_path):
+    train(cfg(corpus, tmp_path / "r", steps=4))
+    with pytest.raises(ValueError, match="already holds checkpoints"):
+        train(cfg(corpus, tmp_path / "r", steps=4))
+
+
+def test_corrupt_checkpoint_gives_clear_error(corpus, tmp_path):
+    train(cfg(corpus, tmp_path / "r", steps=4))
+    ck = resolve_checkpoint(tmp_path / "r")
+    weights = ck / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        load_model(ck)
+    (ck / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="not a valid model config"):
+        load_model(ck)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_model(tmp_path / "nope")
+
+
+def test_tokenizer_vocab_mismatch_is_an_error(corpus, tmp_path):
+    with pytest.raises(ValueError, match="smaller than the tokenizer"):
+        train(cfg(corpus, tmp_path / "r", model={"vocab_size": 100}))
+
+
+def test_cli_train_with_yaml_and_flags(corpus, tmp_path, capsys):
+    yml = tmp_path / "c.yaml"
+    yml.write_text(f"data: {corpus}\nout: {tmp_path / 'y'}\npreset: tiny\nsteps: 3\nbatch_size: 2\n"
+                   "seq_len: 16\nmodel:\n  dim: 32\n")
+    rc = main(["train", "--config", str(yml), "--n-future", "3", "--no-progress", "--dtype", "fp32",
+               "--model", "n_layers=4", "--eval-batches", "1"])
+    assert rc == 0
+    model, _ = load_model(tmp_path / "y")
+    assert (model.cfg.dim, model.cfg.n_layers, model.cfg.n_future) == (32, 4, 3)
+    assert "final validation" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["train", "--data", "/nonexistent/corpus", "--no-progress"], "/nonexistent/corpus"),
+    (["train", "--n-future", "0", "--no-progress"], "n_future must be >= 1"),
+    (["train", "--model", "dim=65", "--no-progress"], "not divisible by n_heads"),
+    (["train", "--n-future", "9", "--no-progress"], "heads need at least"),
+    (["prepare", "/nonexistent/dir", "--out", "/tmp/x"], "/nonexistent/dir"),
+    (["eval", "--checkpoint", "/nonexistent/ck", "--data", "/tmp"], "does not exist"),
+])
+def test_cli_bad_input_one_line_error(argv, msg, corpus, tmp_path, capsys):
+    argv = [a if a != "/tmp/x" else str(tmp_path / "x") for a in argv]
+    if argv[0] == "train" and "--data" not in argv:
+        argv += ["--data", str(corpus), "--out", str(tmp_path / "o")]
+    rc = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert len(err.splitlines()) == 1 and msg in err and "Traceback" not in err
+
+
+def test_console_script_entry_point_runs():
+    out = subprocess.run([sys.executable, "-m", "mtp.cli", "presets"], capture_output=True, text=True, check=True)
+    assert "7B" in out.stdout and "1M" in out.stdout
