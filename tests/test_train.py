@@ -129,3 +129,28 @@ def test_cli_bad_input_one_line_error(argv, msg, corpus, tmp_path, capsys):
 def test_console_script_entry_point_runs():
     out = subprocess.run([sys.executable, "-m", "mtp.cli", "presets"], capture_output=True, text=True, check=True)
     assert "7B" in out.stdout and "1M" in out.stdout
+
+
+def test_finetune_extra_heads_keeps_next_token_predictions(corpus, tmp_path):
+    train(cfg(corpus, tmp_path / "base", steps=6))
+    base, _ = load_model(tmp_path / "base")
+    res = train(cfg(corpus, tmp_path / "ft", steps=6, init_from=str(tmp_path / "base"), n_future=3,
+                    trainable="extra_heads", lr=1e-2))
+    ft, _ = load_model(tmp_path / "ft")
+    assert ft.cfg.n_future == 3 and ft.cfg.n_trunk == base.cfg.n_trunk
+    x = torch.randint(0, 256, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(ft(x)[:, :, 0], base(x)[:, :, 0])  # head 1 + trunk untouched
+        assert not torch.allclose(ft(x)[:, :, 1], base(x)[:, :, 1])  # head 2 was trained
+    sd_ft, sd_base = ft.state_dict(), base.state_dict()
+    assert torch.equal(sd_ft["tok_embeddings.weight"], sd_base["tok_embeddings.weight"])
+    assert len(res["val"]["loss"]) == 3
+
+
+def test_finetune_n_prime_one_from_multi_token_model(corpus, tmp_path):
+    train(cfg(corpus, tmp_path / "base", steps=4, n_future=2))
+    train(cfg(corpus, tmp_path / "ft", steps=4, init_from=str(tmp_path / "base"), n_future=1))
+    base, _ = load_model(tmp_path / "base")
+    ft, _ = load_model(tmp_path / "ft")
+    assert ft.cfg.n_future == 1 and ft.cfg.n_trunk == base.cfg.n_trunk
+    assert ft.num_params() < base.num_params()

@@ -41,6 +41,8 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type) -> None:
             parser.add_argument(flag, type=float, nargs="+", **kw)
         elif hint == (int | None):
             parser.add_argument(flag, type=_optional_int, **kw)
+        elif hint == (str | None):
+            parser.add_argument(flag, type=str, **kw)
         else:
             parser.add_argument(flag, type=hint, **kw)
 
@@ -210,6 +212,40 @@ def default_bench_prompts() -> list[str]:
     ]
 
 
+# ----- interop commands --------------------------------------------------------------------------
+
+def cmd_import(args: argparse.Namespace) -> None:
+    from .checkpoint import save_checkpoint
+    from .interop import detect_format, import_hf, load_meta
+
+    fmt = detect_format(args.source) if args.format == "auto" else args.format
+    if fmt == "meta":
+        model, tok = load_meta(args.source)
+        if args.n_future is not None and args.n_future != model.cfg.n_future:
+            raise ValueError(f"{args.source} is a Meta checkpoint with {model.cfg.n_future} heads; "
+                             "--n-future only applies to Hugging Face imports")
+    else:
+        model, tok = import_hf(args.source, n_future=args.n_future, init=args.init)
+    ckpt = save_checkpoint(args.out, 0, model, tok)
+    cfg = model.cfg
+    print(f"imported {fmt} model {args.source}: {cfg.n_trunk} trunk layers + {cfg.n_future} heads, "
+          f"{model.num_params() / 1e6:.1f}M parameters, tokenizer: {'yes' if tok is not None else 'none'} -> {ckpt}")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from .checkpoint import load_model
+    from .interop import export_hf, save_meta
+
+    model, tok = load_model(args.checkpoint)
+    if args.format == "meta":
+        out = save_meta(model, args.out, tok)
+        print(f"exported all {model.cfg.n_future} heads in the Meta format -> {out}")
+    else:
+        out = export_hf(model, tok, args.out, all_heads=args.all_heads)
+        heads = f"all {model.cfg.n_future} heads" if args.all_heads else "trunk + head 1"
+        print(f"exported {heads} as a Hugging Face model -> {out}")
+
+
 # ----- entry point -------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -222,7 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("source", nargs="?", default=None,
                     help="directory or text file; default: this Python's standard library source")
     pp.add_argument("--out", required=True, help="output directory")
-    pp.add_argument("--tokenizer", choices=["bpe", "byte"], default="bpe")
+    pp.add_argument("--tokenizer", default="bpe",
+                    help="bpe (trained on the corpus), byte, or a tokenizer.json / checkpoint directory to reuse")
     pp.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary size")
     pp.add_argument("--val-fraction", type=float, default=0.05)
     pp.add_argument("--max-bytes", type=int, default=None, help="cap the corpus size (quick runs)")
@@ -273,6 +310,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     ps = sub.add_parser("presets", help="list the named model sizes")
     ps.set_defaults(func=cmd_presets)
+
+    pi = sub.add_parser("import", help="convert a Hugging Face or Meta checkpoint into an mtp checkpoint")
+    pi.add_argument("source", help="local model directory (config.json + weights, or params.json + consolidated.pth)")
+    pi.add_argument("--out", required=True, help="run directory to write (ckpt-00000000 + latest)")
+    pi.add_argument("--format", choices=["auto", "hf", "meta"], default="auto")
+    pi.add_argument("--n-future", type=int, default=None,
+                    help="heads for Hugging Face imports (default: saved MTP heads, else 4)")
+    pi.add_argument("--init", choices=["copy", "random"], default="copy",
+                    help="new heads 2..n: copies of the last layer, or random")
+    pi.set_defaults(func=cmd_import)
+
+    px = sub.add_parser("export", help="write an mtp checkpoint as a Hugging Face (or Meta) model")
+    px.add_argument("checkpoint", help="checkpoint or run directory")
+    px.add_argument("--out", required=True, help="directory to write")
+    px.add_argument("--format", choices=["hf", "meta"], default="hf")
+    px.add_argument("--all-heads", action="store_true",
+                    help="hf: also save heads 2..n (mtp_heads.safetensors) so `mtp import` restores them")
+    px.set_defaults(func=cmd_export)
     return p
 
 

@@ -43,6 +43,9 @@ __all__ = [
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 SPECIAL_TOKENS = (EOS_TOKEN, PAD_TOKEN)
+# End-of-text names of other tokenizer families (Llama 2/Mistral, Llama 3, Gemma), tried after
+# EOS_TOKEN so that tokenizers of imported models (mtp.interop) load from a checkpoint too.
+FOREIGN_EOS_TOKENS = ("</s>", "<|end_of_text|>", "<eos>")
 N_BYTES = 256
 META_FORMAT = "mtp-tokens"
 META_VERSION = 1
@@ -136,10 +139,11 @@ class Tokenizer:
     eos_id: int
     pad_id: int | None
 
-    def __init__(self, hf: HFTokenizer, kind: str | None = None) -> None:
-        eos_id = hf.token_to_id(EOS_TOKEN)
+    def __init__(self, hf: HFTokenizer, kind: str | None = None, eos_token: str | None = None) -> None:
+        names = (eos_token,) if eos_token is not None else (EOS_TOKEN, *FOREIGN_EOS_TOKENS)
+        eos_id = next((i for i in map(hf.token_to_id, names) if i is not None), None)
         if eos_id is None:
-            raise DataError(f"tokenizer has no {EOS_TOKEN} token")
+            raise DataError(f"tokenizer has no {names[0]} token")
         self.hf = hf
         self.eos_id = eos_id
         self.pad_id = hf.token_to_id(PAD_TOKEN)

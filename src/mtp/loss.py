@@ -81,11 +81,13 @@ def chunked_ce_backward(model: MTPModel, hidden: Tensor, targets: Tensor, scale:
     for start in range(0, N, step):
         h = hidden[start : start + step]
         t = targets[start : start + step]
-        logits = _upcast(model.unembed(h))
-        ce = F.cross_entropy(logits, t, ignore_index=IGNORE, reduction="sum")
-        (ce * (scale / count)).backward()
+        # No Python name for the logits: autograd saves only the log-softmax output, so the logits
+        # are freed before backward (3 logits-sized buffers at the peak instead of 4).
+        ce = F.cross_entropy(_upcast(model.unembed(h)), t, ignore_index=IGNORE, reduction="sum")
+        if ce.requires_grad:  # False when this head and its input are frozen (finetuning)
+            (ce * (scale / count)).backward()
         total += ce.detach()
-        del logits, ce  # free this chunk's logits before the next one
+        del ce
     return total / count, torch.tensor(count)
 
 
@@ -108,12 +110,12 @@ def mtp_backward(model: MTPModel, tokens: Tensor, weights: Sequence[float] | Non
     inputs = tokens[:, :T]
     rope = model.rope(model.default_positions(inputs))
     z = model.trunk(inputs, rope)
-    z_leaf = z.detach().requires_grad_(True)
+    z_leaf = z.detach().requires_grad_(z.requires_grad)  # a frozen trunk needs no gradient
     per_head = torch.zeros(n, device=tokens.device)
 
     def head_loss(i: int, out: Tensor) -> Tensor:
         """CE of head i on `out`; returns d loss / d out (gradient flowing into this head)."""
-        out_leaf = out.detach().requires_grad_(True)
+        out_leaf = out.detach().requires_grad_(out.requires_grad)
         loss, _ = chunked_ce_backward(model, out_leaf.view(B * T, -1), targets[:, :, i].reshape(-1),
                                       loss_scale * w[i], chunk_size)
         per_head[i] = loss
@@ -123,7 +125,9 @@ def mtp_backward(model: MTPModel, tokens: Tensor, weights: Sequence[float] | Non
         # Heads are independent: forward + backward one at a time.
         for i in range(n):
             out = model.heads[i](z_leaf, rope)
-            out.backward(head_loss(i, out))
+            grad = head_loss(i, out)
+            if out.requires_grad:
+                out.backward(grad)
             del out
     else:
         # Chained heads (causal / anticausal): head i feeds its child, so run the chain forward
@@ -134,7 +138,7 @@ def mtp_backward(model: MTPModel, tokens: Tensor, weights: Sequence[float] | Non
         order = model.head_order()
         for i in order:
             parent = model.head_parent(i)
-            x = z_leaf if parent < 0 else outs[parent].detach().requires_grad_(True)
+            x = z_leaf if parent < 0 else outs[parent].detach().requires_grad_(outs[parent].requires_grad)
             inputs_of[i] = x
             outs[i] = model.heads[i](x, rope)
         for i in reversed(order):
@@ -143,9 +147,10 @@ def mtp_backward(model: MTPModel, tokens: Tensor, weights: Sequence[float] | Non
             for c in child:
                 if inputs_of[c].grad is not None:
                     grad = grad + inputs_of[c].grad
-            outs[i].backward(grad)
+            if outs[i].requires_grad:
+                outs[i].backward(grad)
             del outs[i]
-    if z_leaf.grad is not None:
+    if z.requires_grad and z_leaf.grad is not None:
         z.backward(z_leaf.grad)
     w_t = torch.tensor(w, device=per_head.device)
     return (w_t * per_head).sum().detach(), per_head.detach()

@@ -47,6 +47,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     max_seq_len: int = 2048
     init_std: float = 0.02
+    attn_bias: bool = False  # biases on the q/k/v projections (Qwen2-style); off for Llama/Meta models
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -156,9 +157,9 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.attn_bias)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.attn_bias)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.attn_bias)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         self.cache_k: Tensor | None = None  # (B, L, H_kv, hd), set by MTPModel.setup_cache
         self.cache_v: Tensor | None = None
@@ -259,6 +260,10 @@ class MTPModel(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):
                 nn.init.ones_(p)
+            elif name.endswith(".bias"):
+                nn.init.zeros_(p)
+            elif name.endswith(".bias"):
+                nn.init.zeros_(p)
             elif name.endswith(("wo.weight", "w2.weight")):
                 # Residual-branch outputs scaled down with depth, as in GPT-2.
                 nn.init.normal_(p, std=std / math.sqrt(2 * self.cfg.n_layers))

@@ -58,6 +58,9 @@ class TrainConfig:
     keep: int = 2  # checkpoints kept on disk
     log_every: int = 10
     resume: bool = False  # continue from out/latest if it exists
+    init_from: str | None = None  # start from this checkpoint's weights (finetuning); n_future may differ
+    init_heads: str = "copy"  # new heads when n_future grows: copy (of head 1) | random
+    trainable: str = "all"  # all | heads (trunk frozen) | extra_heads (only heads 2..n: next-token output unchanged)
     progress: bool = True  # show a progress bar
 
     def __post_init__(self) -> None:
@@ -66,6 +69,10 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.dtype not in ("bf16", "fp32"):
             raise ConfigError(f"dtype must be bf16 or fp32, got {self.dtype!r}")
+        if self.trainable not in ("all", "heads", "extra_heads"):
+            raise ConfigError(f"trainable must be all, heads or extra_heads, got {self.trainable!r}")
+        if self.init_heads not in ("copy", "random"):
+            raise ConfigError(f"init_heads must be copy or random, got {self.init_heads!r}")
         if self.lr <= 0:
             raise ConfigError(f"lr must be positive, got {self.lr}")
 
@@ -80,6 +87,46 @@ class TrainConfig:
         return cfg
 
 
+def init_model(cfg: TrainConfig, vocab_size: int) -> MTPModel:
+    """A fresh model from the preset, or (with init_from) a saved one with n_future heads: the trunk
+    is kept, existing heads are reused, new heads copy head 1 or start random."""
+    if cfg.init_from is None:
+        return MTPModel(cfg.model_config(vocab_size))
+    base, _ = ckpt_io.load_model(cfg.init_from)
+    old = base.cfg
+    if old.vocab_size < vocab_size:
+        raise ConfigError(f"{cfg.init_from} has vocab_size={old.vocab_size}, smaller than the data's tokenizer ({vocab_size})")
+    layers = old.n_trunk + (0 if old.head_type == "linear" else cfg.n_future)
+    new_cfg = ModelConfig.from_dict({**old.to_dict(), "n_future": cfg.n_future, "n_layers": layers, **cfg.model})
+    if new_cfg.n_trunk != old.n_trunk or new_cfg.head_type != old.head_type:
+        raise ConfigError("init_from keeps the trunk and head type; only n_future may change")
+    model = MTPModel(new_cfg)
+    state = base.state_dict()
+    for i in range(new_cfg.n_future):
+        src = i if i < old.n_future else 0
+        if i >= old.n_future and cfg.init_heads == "random":
+            continue
+        for k, v in base.heads[src].state_dict().items():
+            state[f"heads.{i}.{k}"] = v
+    state = {k: v for k, v in state.items() if not k.startswith("heads.") or int(k.split(".")[1]) < new_cfg.n_future}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and all(k.startswith("heads.") for k in missing), (missing, unexpected)
+    return model
+
+
+def set_trainable(model: MTPModel, trainable: str) -> None:
+    """Freeze what finetuning should not touch. `extra_heads` keeps head 1 and the shared
+    norm/unembedding fixed, so the model's next-token predictions (and greedy output) stay the same."""
+    for p in model.parameters():
+        p.requires_grad_(trainable == "all")
+    if trainable == "heads":
+        for m in [model.heads, model.norm, model.output]:
+            m.requires_grad_(True)
+    elif trainable == "extra_heads":
+        for h in list(model.heads)[1:]:
+            h.requires_grad_(True)
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Linear warmup to the peak, then cosine decay to min_lr_ratio x peak at the last step."""
     if step < cfg.warmup:
@@ -92,8 +139,9 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 def make_optimizer(model: MTPModel, cfg: TrainConfig) -> torch.optim.AdamW:
     # Decoupled weight decay on matrices only; norms' gains are left alone.
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
 
@@ -210,8 +258,11 @@ def train(cfg: TrainConfig, stop_after: int | None = None,
     train_data = TokenData(cfg.data, "train")
     val_data: TokenData | None = TokenData(cfg.data, "val")
     tokenizer = Tokenizer.load(cfg.data)
-    mcfg = cfg.model_config(tokenizer.vocab_size)
-    model = MTPModel(mcfg).to(device)
+    model = init_model(cfg, tokenizer.vocab_size).to(device)
+    mcfg = model.cfg
+    if cfg.seq_len > mcfg.max_seq_len:
+        raise ConfigError(f"seq_len={cfg.seq_len} exceeds the model's max_seq_len={mcfg.max_seq_len}")
+    set_trainable(model, cfg.trainable)
     opt = make_optimizer(model, cfg)
 
     start = 0
@@ -262,7 +313,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None,
                 _, per_head = mtp_backward(model, batch, cfg.head_weights, seq_len=cfg.seq_len,
                                       chunk_size=cfg.chunk_size, loss_scale=1.0 / cfg.grad_accum)
             head_loss += per_head.float().cpu() / cfg.grad_accum
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         opt.step()
         opt.zero_grad(set_to_none=True)
         done = step + 1
