@@ -1,0 +1,337 @@
+"""Autoregressive decoding with the KV cache: sampling, prefill, one-token steps and `generate`.
+
+Batches hold prompts of different lengths, right-padded. Every row keeps its own position: the
+row's newest token sits at cache slot == its position, so rows never wait for one another and a
+finished row simply stops growing (it still rides along in the batch, its outputs ignored).
+
+Context budget: a row may generate until prompt + generated tokens fill `max_seq_len`. The last
+generated token is never fed back, so the highest slot a row writes is prompt + limit - 2 and the
+cache's last slot stays free; decoders use it as a scratch slot for padding inputs (see
+`scratch_slots`), which keeps every write inside the cache without touching live keys.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable, Collection, Sequence
+
+import torch
+from torch import Tensor
+
+from .model import MTPModel
+
+TokenCallback = Callable[[list[list[int]]], None]
+# Prefill runs in chunks so that at most this many logits (batch x chunk x heads x vocab) exist.
+PREFILL_LOGITS_BUDGET = 1 << 26
+PAD_ID = 0  # any valid id: padded positions are never attended to by real tokens
+
+
+class GenerationError(ValueError):
+    """A decoding request that cannot run; the message is one line, meant for users."""
+
+
+@dataclass
+class GenerationResult:
+    """Generated tokens per prompt (prompt excluded) and how many model passes they took."""
+
+    tokens: list[list[int]]
+    forwards: int  # model passes: the prefill (counted once however it is chunked) + decode steps
+    row_forwards: list[int]  # passes during which each row was still generating
+    stop_reasons: list[str]  # per row: "stop" (emitted a stop token) or "length"
+
+    @property
+    def tokens_per_forward(self) -> float:
+        """Generated tokens per pass a row took part in; exactly 1.0 for plain decoding."""
+        passes = sum(self.row_forwards)
+        return sum(map(len, self.tokens)) / passes if passes else 0.0
+
+
+# ----- sampling ---------------------------------------------------------------------------------
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    if temperature < 0:
+        raise GenerationError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise GenerationError(f"top_k must be >= 1, got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise GenerationError(f"top_p must be in (0, 1], got {top_p}")
+
+
+def sampling_probs(logits: Tensor, temperature: float = 1.0, top_k: int | None = None,
+                   top_p: float | None = None) -> Tensor:
+    """The distribution `sample_next` draws from, shape like `logits` (..., V).
+
+    temperature == 0 gives a one-hot at the argmax, so speculative sampling reduces to greedy."""
+    if temperature == 0:
+        return torch.zeros_like(logits, dtype=torch.float).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
+    scaled = logits.float() / temperature
+    if top_k is not None and top_k < scaled.shape[-1]:
+        kept = scaled.topk(top_k, dim=-1).indices
+        scaled = torch.full_like(scaled, float("-inf")).scatter(-1, kept, scaled.gather(-1, kept))
+    probs = scaled.softmax(-1)
+    if top_p is not None and top_p < 1.0:
+        probs = _nucleus(probs, top_p)
+    return probs
+
+
+def _nucleus(probs: Tensor, top_p: float) -> Tensor:
+    """Keep the smallest set of most likely tokens whose mass reaches top_p (at least one)."""
+    sorted_p, order = probs.sort(dim=-1, descending=True)
+    mass_before = sorted_p.cumsum(-1) - sorted_p
+    sorted_p = sorted_p.masked_fill(mass_before >= top_p, 0.0)
+    kept = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return kept / kept.sum(-1, keepdim=True)
+
+
+def sample_next(logits: Tensor, temperature: float = 0.0, top_k: int | None = None,
+                top_p: float | None = None, generator: torch.Generator | None = None) -> Tensor:
+    """Next token ids (B,) from logits (B, V); greedy (argmax, first on ties) when temperature == 0."""
+    check_sampling(temperature, top_k, top_p)
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = sampling_probs(logits, temperature, top_k, top_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator | None:
+    """A seeded generator, or None to use torch's global RNG."""
+    return None if seed is None else torch.Generator(device=device).manual_seed(seed)
+
+
+# ----- request checks ---------------------------------------------------------------------------
+def check_prompts(model: MTPModel, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
+    """Raise GenerationError (one line) for requests the model cannot serve."""
+    cfg = model.cfg
+    if max_new_tokens < 0:
+        raise GenerationError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if len(prompts) == 0:
+        raise GenerationError("no prompts given")
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise GenerationError(f"prompt {i} is empty; give at least one token (e.g. a BOS id)")
+        if len(p) > cfg.max_seq_len:
+            raise GenerationError(
+                f"prompt {i} has {len(p)} tokens, longer than the model's context of {cfg.max_seq_len}")
+        low, high = min(p), max(p)
+        if low < 0 or high >= cfg.vocab_size:
+            bad = low if low < 0 else high
+            raise GenerationError(f"prompt {i} has token id {bad} outside the vocabulary [0, {cfg.vocab_size})")
+
+
+def token_limits(model: MTPModel, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[int]:
+    """Tokens each row may generate: max_new_tokens, cut so prompt + output fits the context."""
+    return [max(0, min(max_new_tokens, model.cfg.max_seq_len - len(p))) for p in prompts]
+
+
+def cache_length(prompts: Sequence[Sequence[int]], limits: Sequence[int], slack: int = 0,
+                 max_seq_len: int | None = None) -> int:
+    """Cache slots needed: the prompts, every row's output, one scratch slot, plus optional slack
+    (room for draft blocks), capped at the context."""
+    need = max(len(p) + n for p, n in zip(prompts, limits)) + slack
+    return need if max_seq_len is None else min(need, max_seq_len)
+
+
+def kv_cache_bytes(model: MTPModel, batch: int, length: int, dtype: torch.dtype) -> int:
+    """Bytes of keys + values for every attention block (trunk and transformer heads)."""
+    cfg = model.cfg
+    blocks = cfg.n_trunk + (0 if cfg.head_type == "linear" else cfg.n_future)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return 2 * blocks * batch * length * cfg.n_kv_heads * cfg.head_dim * itemsize
+
+
+def available_memory_bytes() -> int | None:
+    """Free RAM as the OS reports it (Linux MemAvailable), or None when unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def setup_decode_cache(model: MTPModel, batch: int, length: int) -> None:
+    """(Re)allocate the model's KV cache for this request, failing early if it cannot fit."""
+    param = next(model.parameters())
+    need = kv_cache_bytes(model, batch, length, param.dtype)
+    free = available_memory_bytes() if param.device.type == "cpu" else None
+    if free is not None and need > 0.9 * free:
+        raise GenerationError(
+            f"a batch of {batch} x {length} positions needs {need / 2**30:.2f} GiB of KV cache, "
+            f"but only {free / 2**30:.2f} GiB of memory is free; use a smaller batch")
+    model.clear_cache()  # free the old buffers before allocating, not after
+    model.setup_cache(batch, length)
+
+
+# ----- decoding steps ---------------------------------------------------------------------------
+def pad_prompts(prompts: Sequence[Sequence[int]], device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+    """Right-padded tokens (B, T) and prompt lengths (B,)."""
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    tokens = torch.full((len(prompts), int(lengths.max())), PAD_ID, dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        tokens[i, : len(p)] = torch.tensor(p, dtype=torch.long, device=device)
+    return tokens, lengths
+
+
+def prefill(model: MTPModel, tokens: Tensor, lengths: Tensor, *, heads: int = 1,
+            chunk_size: int | None = None) -> Tensor:
+    """Fill the KV cache with right-padded prompts (B, T); logits (B, heads, V) at each row's last
+    prompt token. Runs in chunks of positions so the full (B, T, heads, V) logits never exist;
+    padding writes slots past a row's prompt, which the row overwrites before it reads them."""
+    B, T = tokens.shape
+    if chunk_size is None:
+        chunk_size = max(1, PREFILL_LOGITS_BUDGET // (B * heads * model.cfg.vocab_size))
+    last = lengths.to(tokens.device) - 1
+    out: Tensor | None = None
+    for start in range(0, T, chunk_size):
+        stop = min(T, start + chunk_size)
+        positions = torch.arange(start, stop, device=tokens.device).expand(B, -1)
+        logits = model(tokens[:, start:stop], positions, heads=heads)
+        if out is None:
+            out = logits.new_empty(B, heads, logits.shape[-1])
+        rows = ((last >= start) & (last < stop)).nonzero().squeeze(-1)
+        out[rows] = logits[rows, last[rows] - start]
+    assert out is not None
+    return out
+
+
+def decode_one(model: MTPModel, tokens: Tensor, positions: Tensor, *, slots: Tensor | None = None,
+               heads: int = 1) -> Tensor:
+    """One cached step: tokens (B,) at positions (B,) -> logits (B, heads, V)."""
+    slots = None if slots is None else slots[:, None]
+    return model(tokens[:, None], positions[:, None], slots=slots, heads=heads)[:, 0]
+
+
+def scratch_slots(slots: Tensor, cache_len: int) -> Tensor:
+    """Send writes that would fall past the cache to its last slot, which no live token uses
+    (see the module docstring); only padding inputs of finished or nearly finished rows go there."""
+    return slots.clamp(max=cache_len - 1)
+
+
+# ----- per-row bookkeeping ----------------------------------------------------------------------
+class RowState:
+    """What every decoder tracks per row: output so far, token budget, stop reason, passes."""
+
+    def __init__(self, prompts: Sequence[Sequence[int]], limits: Sequence[int],
+                 stop_tokens: Collection[int]) -> None:
+        self.prompt_lens = [len(p) for p in prompts]
+        self.limits = list(limits)
+        self.stop = frozenset(int(t) for t in stop_tokens)
+        self.out: list[list[int]] = [[] for _ in prompts]
+        self.reasons = ["length" if n == 0 else "" for n in self.limits]
+        self.row_forwards = [0] * len(prompts)
+        self.forwards = 0
+
+    @property
+    def batch(self) -> int:
+        return len(self.out)
+
+    def is_active(self, r: int) -> bool:
+        return not self.reasons[r]
+
+    def active_rows(self) -> list[int]:
+        return [r for r in range(self.batch) if not self.reasons[r]]
+
+    def remaining(self, r: int) -> int:
+        """Tokens row r may still emit (0 once finished)."""
+        return 0 if self.reasons[r] else self.limits[r] - len(self.out[r])
+
+    def pending_position(self, r: int) -> int:
+        """Position of row r's newest token (the one to feed next)."""
+        return self.prompt_lens[r] + len(self.out[r]) - 1
+
+    def count_forward(self) -> None:
+        """Record one model pass; call before committing its tokens."""
+        self.forwards += 1
+        for r in self.active_rows():
+            self.row_forwards[r] += 1
+
+    def commit(self, r: int, tokens: Sequence[int]) -> list[int]:
+        """Append tokens to row r, stopping after a stop token (kept) or at the budget."""
+        added: list[int] = []
+        for t in tokens:
+            if self.reasons[r]:
+                break
+            self.out[r].append(t)
+            added.append(t)
+            if t in self.stop:
+                self.reasons[r] = "stop"
+            elif len(self.out[r]) >= self.limits[r]:
+                self.reasons[r] = "length"
+        return added
+
+    def result(self) -> GenerationResult:
+        return GenerationResult(self.out, self.forwards, self.row_forwards, self.reasons)
+
+
+def commit_rows(state: RowState, rows: Sequence[int], tokens: Sequence[Sequence[int]],
+                on_tokens: TokenCallback | None) -> None:
+    """Commit tokens[i] to rows[i] and report every row's new tokens (empty for idle rows)."""
+    new: list[list[int]] = [[] for _ in range(state.batch)]
+    for r, toks in zip(rows, tokens):
+        new[r] = state.commit(r, toks)
+    if on_tokens is not None:
+        on_tokens(new)
+
+
+# ----- generation -------------------------------------------------------------------------------
+@torch.no_grad()
+def generate(model: MTPModel, prompts: list[list[int]], max_new_tokens: int, *,
+             temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+             seed: int | None = None, stop_tokens: Collection[int] = (),
+             on_tokens: TokenCallback | None = None) -> GenerationResult:
+    """Decode a batch with the KV cache, one token per row per forward, using head 1 only.
+
+    Greedy when temperature == 0. `on_tokens` gets, after each pass, the list of new tokens of
+    every row. A row stops after a stop token (kept in its output) or `max_new_tokens`, or when
+    it fills the context. Sets up (replaces) the model's KV cache."""
+    check_prompts(model, prompts, max_new_tokens)
+    check_sampling(temperature, top_k, top_p)
+    limits = token_limits(model, prompts, max_new_tokens)
+    state = RowState(prompts, limits, stop_tokens)
+    if not state.active_rows():
+        return state.result()
+    device = next(model.parameters()).device
+    cache_len = cache_length(prompts, limits)
+    setup_decode_cache(model, len(prompts), cache_len)
+    generator = make_generator(seed, device)
+    tokens, lengths = pad_prompts(prompts, device)
+    logits = prefill(model, tokens, lengths, heads=1)[:, 0]
+    while True:
+        state.count_forward()
+        rows = state.active_rows()
+        chosen = sample_next(logits[rows], temperature, top_k, top_p, generator).tolist()
+        commit_rows(state, rows, [[t] for t in chosen], on_tokens)
+        if not state.active_rows():
+            return state.result()
+        # Finished rows are fed a dummy token at their own position; nothing reads it.
+        last = [o[-1] if o else PAD_ID for o in state.out]
+        positions = torch.tensor([state.pending_position(r) for r in range(state.batch)], device=device)
+        logits = decode_one(model, torch.tensor(last, device=device), positions,
+                            slots=scratch_slots(positions, cache_len), heads=1)[:, 0]
+
+
+@torch.no_grad()
+def generate_reference(model: MTPModel, prompts: list[list[int]], max_new_tokens: int, *,
+                       temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                       seed: int | None = None, stop_tokens: Collection[int] = ()) -> GenerationResult:
+    """`generate` without the KV cache: every step recomputes the full causal forward over each
+    unfinished row's prompt + output. Slow; the yardstick the cached decoders are tested against.
+    Draws random numbers in the same order as `generate`, so seeded samples match too."""
+    check_prompts(model, prompts, max_new_tokens)
+    check_sampling(temperature, top_k, top_p)
+    state = RowState(prompts, token_limits(model, prompts, max_new_tokens), stop_tokens)
+    device = next(model.parameters()).device
+    generator = make_generator(seed, device)
+    while rows := state.active_rows():
+        # Right padding leaves earlier positions untouched under causal attention.
+        tokens, lengths = pad_prompts([list(prompts[r]) + state.out[r] for r in rows], device)
+        logits = model(tokens, heads=1)[torch.arange(len(rows), device=device), lengths - 1, 0]
+        state.count_forward()
+        chosen = sample_next(logits, temperature, top_k, top_p, generator).tolist()
+        commit_rows(state, rows, [[t] for t in chosen], None)
+    return state.result()

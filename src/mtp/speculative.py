@@ -1,0 +1,605 @@
+"""Self-speculative decoding: the extra heads of a multi-token model draft, head 1 verifies.
+
+Greedy, chain of k drafts (blockwise parallel decoding, Stern et al. 2018; Gloeckle et al. 2024,
+sec. 3.2): after a pass, head 1 gives the next token y and heads 2..k+1 give drafts d1..dk. One
+forward over [y, d1..dk] at positions p..p+k lets head 1 check every draft at once: draft j is
+accepted when head 1 at the previous position predicts it, the longest agreeing prefix (a drafts)
+is kept, head 1's prediction after it is a free bonus token, and heads 2..k+1 there draft the next
+block. Each pass commits a+1 tokens and the output equals plain greedy decoding token for token.
+
+Tree (Medusa, Cai et al. 2024): the top candidates of each head form a tree (e.g. top-3 of head 2
+x top-2 of head 3 x top-1 of head 4). All nodes are verified in one forward: node i writes cache
+slot p+i, sits at RoPE position p+depth and attends to the prefix plus its ancestors. The longest
+accepted path is then copied into consecutive slots (`MTPModel.cache_move`).
+
+Sampling (Leviathan et al. 2023, Chen et al. 2023): draft j is drawn from head j+1's distribution
+q, accepted with probability min(1, p(d)/q(d)) where p is head 1's distribution in the verify
+pass, and on rejection the token is redrawn from norm(max(0, p - q)). The output then has exactly
+the distribution of plain sampling with the same temperature / top-k / top-p.
+
+Rows of a batch accept different numbers of tokens; each keeps its own position (see
+`mtp.generate`). Drafts are cut so that no row verifies more tokens than it may still emit, and
+the cut-off inputs write to the scratch slot, so blocks fit in the cache near the context end.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Collection, Sequence
+
+import torch
+from torch import Tensor
+
+from .generate import (
+    GenerationError, GenerationResult, RowState, TokenCallback, cache_length, check_prompts,
+    check_sampling, commit_rows, generate, make_generator, pad_prompts, prefill, sampling_probs,
+    scratch_slots, setup_decode_cache, token_limits,
+)
+from .model import MTPModel
+
+DEFAULT_TREE = (3, 2, 1)  # candidates taken from heads 2, 3, 4
+
+
+# ----- draft trees ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DraftTree:
+    """Which candidates are verified: each path lists candidate ranks from depth 1 down, so (1, 0)
+    is head 3's best token after head 2's second best. Node 0 (the token already chosen) is
+    implicit, node i >= 1 is paths[i - 1] (order: see `from_paths`)."""
+
+    paths: tuple[tuple[int, ...], ...]
+
+    @classmethod
+    def chain(cls, k: int) -> "DraftTree":
+        """The top draft of heads 2..k+1, one after another (blockwise parallel decoding)."""
+        return cls.from_paths([(0,) * d for d in range(1, k + 1)])
+
+    @classmethod
+    def from_branching(cls, widths: Sequence[int]) -> "DraftTree":
+        """Full tree: widths[d] candidates of head d+2 below every node of depth d."""
+        if not widths or any(w < 1 for w in widths):
+            raise GenerationError(f"tree widths must be positive integers, got {tuple(widths)}")
+        level: list[tuple[int, ...]] = [()]
+        paths: list[tuple[int, ...]] = []
+        for w in widths:
+            level = [p + (r,) for p in level for r in range(w)]
+            paths += level
+        return cls.from_paths(paths)
+
+    def __post_init__(self) -> None:
+        # Node order: the top-1 chain (0,), (0, 0), ... first, so when it is the accepted path its
+        # keys/values already sit in consecutive slots and need no copy; then breadth first.
+        # Either way every node comes after its ancestors.
+        clean = sorted({tuple(int(r) for r in p) for p in self.paths}, key=lambda p: (any(p), len(p), p))
+        if not clean or any(len(p) == 0 or min(p) < 0 for p in clean):
+            raise GenerationError("tree paths must be non-empty tuples of ranks >= 0")
+        known = set(clean)
+        for p in clean:
+            if len(p) > 1 and p[:-1] not in known:
+                raise GenerationError(f"tree path {p} has no parent {p[:-1]}")
+        object.__setattr__(self, "paths", tuple(clean))
+
+    @classmethod
+    def from_paths(cls, paths: Sequence[Sequence[int]]) -> "DraftTree":
+        """A sparse tree (as in Medusa's hand-picked trees); every prefix of a path must be a path."""
+        return cls(tuple(tuple(p) for p in paths))
+
+    @property
+    def depth(self) -> int:
+        return max(map(len, self.paths))
+
+    @property
+    def size(self) -> int:
+        """Tokens per verify pass, the chosen token included."""
+        return len(self.paths) + 1
+
+    @property
+    def is_chain(self) -> bool:
+        """Only the top-1 chain: node i sits at position p+i, so the plain causal mask works and
+        accepted tokens are already in place."""
+        return len(self.paths) == self.depth and not any(map(any, self.paths))
+
+    def widths(self) -> list[int]:
+        """Candidates needed from each draft head (depth 1..depth)."""
+        return [1 + max(p[-1] for p in self.paths if len(p) == d) for d in range(1, self.depth + 1)]
+
+    def tables(self, device: torch.device | str) -> "TreeTables":
+        return TreeTables.build(self, device)
+
+
+@dataclass
+class TreeTables:
+    """Index tensors of a tree over nodes 0..N-1 (node 0 = the chosen token)."""
+
+    depth: Tensor  # (N,)
+    parent: Tensor  # (N,), node 0 is its own parent
+    rank: Tensor  # (N,)
+    ancestors: Tensor  # (N, N) bool: ancestors[i, j] when j is i or an ancestor of i
+    path: Tensor  # (N, D + 1): path[i, d] = the node at depth d on the way to i (i itself past its depth)
+
+    @classmethod
+    def build(cls, tree: DraftTree, device: torch.device | str) -> "TreeTables":
+        index = {(): 0, **{p: i + 1 for i, p in enumerate(tree.paths)}}
+        nodes = [()] + list(tree.paths)
+        n = len(nodes)
+        ancestors = torch.zeros(n, n, dtype=torch.bool)
+        path = torch.zeros(n, tree.depth + 1, dtype=torch.long)
+        for i, p in enumerate(nodes):
+            for d in range(tree.depth + 1):
+                j = index[p[:d]] if d <= len(p) else i
+                path[i, d] = j
+                ancestors[i, j] = True
+        return cls(
+            depth=torch.tensor([len(p) for p in nodes], device=device),
+            parent=torch.tensor([index[p[:-1]] if p else 0 for p in nodes], device=device),
+            rank=torch.tensor([p[-1] if p else 0 for p in nodes], device=device),
+            ancestors=ancestors.to(device),
+            path=path.to(device),
+        )
+
+
+def as_tree(tree: DraftTree | Sequence[int]) -> DraftTree:
+    return tree if isinstance(tree, DraftTree) else DraftTree.from_branching(tree)
+
+
+def default_tree(n_future: int) -> DraftTree:
+    """DEFAULT_TREE cut (or padded with width 1) to the model's n_future - 1 draft heads."""
+    depth = n_future - 1
+    if depth < 1:
+        raise GenerationError("speculative decoding needs a model with n_future >= 2 heads")
+    return DraftTree.from_branching((list(DEFAULT_TREE) + [1] * depth)[:depth])
+
+
+def check_tree(model: MTPModel, tree: DraftTree) -> None:
+    if tree.depth + 1 > model.cfg.n_future:
+        raise GenerationError(
+            f"drafts {tree.depth} deep need {tree.depth + 1} heads, but the model has n_future={model.cfg.n_future}")
+    if max(tree.widths()) > model.cfg.vocab_size:
+        raise GenerationError(f"tree asks for {max(tree.widths())} candidates per head, "
+                              f"more than the vocabulary of {model.cfg.vocab_size}")
+
+
+def chain_for(model: MTPModel, k: int | None) -> DraftTree:
+    """The chain of k drafts (default: every extra head), checked against the model."""
+    k = model.cfg.n_future - 1 if k is None else k
+    if k < 1:
+        raise GenerationError(f"k must be >= 1 drafts (and the model needs n_future >= 2), got k={k}")
+    tree = DraftTree.chain(k)
+    check_tree(model, tree)
+    return tree
+
+
+# ----- results ----------------------------------------------------------------------------------
+@dataclass
+class SpeculativeResult(GenerationResult):
+    """GenerationResult plus draft statistics, per draft depth j = 1.. (head j+1)."""
+
+    draft_attempts: list[int] = field(default_factory=list)  # steps where drafts 1..j-1 were accepted
+    draft_accepts: list[int] = field(default_factory=list)  # ... and draft j was accepted too
+
+    @property
+    def acceptance_rates(self) -> list[float]:
+        """P(draft j accepted | drafts 1..j-1 accepted); nan when never tried."""
+        return [a / n if n else math.nan for a, n in zip(self.draft_accepts, self.draft_attempts)]
+
+
+class DraftStats:
+    """Accumulates per-depth attempts / accepts as tensors (no sync per step)."""
+
+    def __init__(self, depth: int, device: torch.device | str) -> None:
+        self.levels = torch.arange(1, depth + 1, device=device)
+        self.attempts = torch.zeros(depth, dtype=torch.long, device=device)
+        self.accepts = torch.zeros(depth, dtype=torch.long, device=device)
+
+    def update(self, accepted: Tensor, max_depth: Tensor, active: Tensor) -> None:
+        """accepted: drafts accepted per row (B,); max_depth: deepest draft a row could accept."""
+        tried = (accepted[:, None] >= self.levels - 1) & (max_depth[:, None] >= self.levels) & active[:, None]
+        self.attempts += tried.sum(0)
+        self.accepts += ((accepted[:, None] >= self.levels) & active[:, None]).sum(0)
+
+    def finish(self, state: RowState) -> SpeculativeResult:
+        base = state.result()
+        return SpeculativeResult(base.tokens, base.forwards, base.row_forwards, base.stop_reasons,
+                                 self.attempts.tolist(), self.accepts.tolist())
+
+
+# ----- one verify pass --------------------------------------------------------------------------
+@dataclass
+class Block:
+    """Where the nodes of one verify pass go, per row."""
+
+    base: Tensor  # (B,) position of the chosen (pending) token
+    positions: Tensor  # (B, N) RoPE positions: base + depth
+    slots: Tensor  # (B, N) cache slots: base + node index (scratch slot when past the cache)
+    useful: Tensor  # (B, N) nodes that may be accepted: row unfinished, depth within its budget, slot in the cache
+    active: Tensor  # (B,)
+
+
+def block_layout(state: RowState, tables: TreeTables, cache_len: int) -> Block:
+    device = tables.depth.device
+    n_nodes, depth = tables.path.shape  # path has depth + 1 columns; shapes need no device sync
+    depth -= 1
+    base = torch.tensor([state.pending_position(r) for r in range(state.batch)], device=device)
+    # A row with m tokens left can use at most m-1 drafts (the bonus token is the m-th).
+    budget = torch.tensor([min(depth, state.remaining(r) - 1) if state.is_active(r) else -1
+                           for r in range(state.batch)], device=device)
+    raw = base[:, None] + torch.arange(n_nodes, device=device)
+    useful = (tables.depth <= budget[:, None]) & (raw <= cache_len - 2)
+    return Block(base, base[:, None] + tables.depth, scratch_slots(raw, cache_len), useful, budget >= 0)
+
+
+def tree_mask(block: Block, ancestors: Tensor, kv_len: int) -> Tensor:
+    """(B, N, kv_len): each node sees the slots before the block plus its ancestors and itself."""
+    slot_ids = torch.arange(kv_len, device=block.base.device)
+    prefix = slot_ids[None, :] < block.base[:, None]
+    at = (block.slots[:, :, None] == slot_ids).to(torch.float32)  # (B, N, kv) one-hot of each node
+    own = torch.matmul(ancestors.to(torch.float32), at) > 0
+    return prefix[:, None, :] | own
+
+
+def verify_forward(model: MTPModel, tree: DraftTree, tables: TreeTables, block: Block, nodes: Tensor,
+                   cache_len: int) -> Tensor:
+    """Logits (B, N, depth+1, V) of every head at every node."""
+    mask = None if tree.is_chain else tree_mask(block, tables.ancestors, cache_len)
+    return model(nodes, block.positions, slots=block.slots, mask=mask, heads=tree.depth + 1)
+
+
+def draft_tokens(draft_logits: Tensor, tree: DraftTree, tables: TreeTables) -> Tensor:
+    """Candidate tokens (B, N-1) of the tree's nodes from heads 2..depth+1 logits (B, depth, V)."""
+    top = draft_logits.topk(max(tree.widths()), dim=-1).indices  # (B, depth, width)
+    return top[:, tables.depth[1:] - 1, tables.rank[1:]]
+
+
+def accepted_node(nodes: Tensor, verdict: Tensor, block: Block, tables: TreeTables) -> Tensor:
+    """Deepest node whose whole path head 1 agrees with (B,); node 0 when no draft survives.
+
+    Siblings hold distinct tokens (ranks of one top-k), so at most one path can survive."""
+    match = block.useful & (nodes == verdict[:, tables.parent])
+    match[:, 0] = block.useful[:, 0]
+    survives = ~((~match)[:, None, :] & tables.ancestors).any(-1)
+    return (survives * (tables.depth + 1)).argmax(-1)
+
+
+def compact_path(model: MTPModel, block: Block, tables: TreeTables, best: Tensor, accepted: Tensor) -> None:
+    """Copy the accepted path's keys/values from slots base+node to consecutive slots base+depth."""
+    depth = tables.path.shape[1] - 1
+    levels = torch.arange(1, depth + 1, device=best.device)
+    keep = (levels <= accepted[:, None]) & block.active[:, None]
+    base = block.base[:, None]
+    src = torch.where(keep, base + tables.path[best][:, 1:], base)  # no-op copies base -> base
+    dst = torch.where(keep, base + levels, base)
+    rows = torch.arange(best.numel(), device=best.device)[:, None]
+    model.cache_move(rows, src, dst)
+
+
+def max_useful_depth(block: Block, tables: TreeTables) -> Tensor:
+    return (block.useful * tables.depth).amax(-1)
+
+
+# ----- greedy (chain or tree) -------------------------------------------------------------------
+@dataclass
+class Decoder:
+    """Everything a decoding loop carries between passes."""
+
+    model: MTPModel
+    tree: DraftTree
+    tables: TreeTables
+    state: RowState
+    stats: DraftStats
+    cache_len: int
+    on_tokens: TokenCallback | None
+
+
+def start_decoder(model: MTPModel, prompts: list[list[int]], max_new_tokens: int, tree: DraftTree,
+                  stop_tokens: Collection[int], on_tokens: TokenCallback | None) -> tuple[Decoder, Tensor | None]:
+    """Check the request, set up the cache and prefill; returns the decoder and the prefill
+    logits (B, depth+1, V), or None when no row has anything to generate."""
+    check_prompts(model, prompts, max_new_tokens)
+    check_tree(model, tree)
+    device = next(model.parameters()).device
+    limits = token_limits(model, prompts, max_new_tokens)
+    state = RowState(prompts, limits, stop_tokens)
+    cache_len = cache_length(prompts, limits, slack=tree.size, max_seq_len=model.cfg.max_seq_len)
+    dec = Decoder(model, tree, tree.tables(device), state, DraftStats(tree.depth, device), cache_len, on_tokens)
+    if not state.active_rows():
+        return dec, None
+    setup_decode_cache(model, len(prompts), cache_len)
+    tokens, lengths = pad_prompts(prompts, device)
+    logits = prefill(model, tokens, lengths, heads=tree.depth + 1)
+    state.count_forward()
+    return dec, logits
+
+
+def commit_block(dec: Decoder, nodes: Tensor, best: Tensor, accepted: Tensor, final: Tensor) -> None:
+    """Commit each unfinished row's accepted path and its final (bonus or corrected) token."""
+    path_tokens = nodes.gather(1, dec.tables.path[best]).tolist()  # (B, depth+1), node 0 already out
+    counts, finals = accepted.tolist(), final.tolist()
+    rows = dec.state.active_rows()
+    commit_rows(dec.state, rows, [path_tokens[r][1 : counts[r] + 1] + [finals[r]] for r in rows], dec.on_tokens)
+
+
+def greedy_step(dec: Decoder, pending: Tensor, draft_logits: Tensor) -> tuple[Tensor, Tensor]:
+    """One verify pass; returns the next pending tokens (B,) and draft logits (B, depth, V)."""
+    block = block_layout(dec.state, dec.tables, dec.cache_len)
+    nodes = torch.cat([pending[:, None], draft_tokens(draft_logits, dec.tree, dec.tables)], dim=1)
+    logits = verify_forward(dec.model, dec.tree, dec.tables, block, nodes, dec.cache_len)
+    verdict = logits[:, :, 0].argmax(-1)  # head 1: the greedy token after each node
+    best = accepted_node(nodes, verdict, block, dec.tables)
+    accepted = dec.tables.depth[best]
+    rows = torch.arange(nodes.shape[0], device=nodes.device)
+    bonus = verdict[rows, best]
+    # Chain nodes come first (node index == depth): only paths leaving the top-1 chain move.
+    if not dec.tree.is_chain and bool(((best != accepted) & block.active).any()):
+        compact_path(dec.model, block, dec.tables, best, accepted)
+    dec.stats.update(accepted, max_useful_depth(block, dec.tables), block.active)
+    dec.state.count_forward()
+    commit_block(dec, nodes, best, accepted, bonus)
+    return bonus, logits[rows, best, 1:]
+
+
+@torch.no_grad()
+def greedy_tree_decode(model: MTPModel, prompts: list[list[int]], max_new_tokens: int, tree: DraftTree, *,
+                       stop_tokens: Collection[int] = (), on_tokens: TokenCallback | None = None) -> SpeculativeResult:
+    """Greedy self-speculative decoding with any draft tree (a chain is the 1-wide tree)."""
+    dec, logits = start_decoder(model, prompts, max_new_tokens, tree, stop_tokens, on_tokens)
+    if logits is None:
+        return dec.stats.finish(dec.state)
+    pending = logits[:, 0].argmax(-1)
+    commit_rows(dec.state, dec.state.active_rows(), [[t] for t in pending[dec.state.active_rows()].tolist()],
+                on_tokens)
+    draft_logits = logits[:, 1:]
+    while dec.state.active_rows():
+        pending, draft_logits = greedy_step(dec, pending, draft_logits)
+    return dec.stats.finish(dec.state)
+
+
+def speculative_generate(model: MTPModel, prompts: list[list[int]], max_new_tokens: int, *,
+                         k: int | None = None, temperature: float = 0.0, top_k: int | None = None,
+                         top_p: float | None = None, seed: int | None = None,
+                         stop_tokens: Collection[int] = (), on_tokens: TokenCallback | None = None) -> SpeculativeResult:
+    """Self-speculative decoding with k drafts from heads 2..k+1 (default n_future - 1).
+
+    temperature == 0: greedy blockwise parallel decoding, the same tokens as greedy `generate` in
+    fewer forwards. temperature > 0: `speculative_sample`, distributed exactly as `generate` with
+    the same temperature / top_k / top_p."""
+    if temperature != 0:
+        return speculative_sample(model, prompts, max_new_tokens, k=k, temperature=temperature, top_k=top_k,
+                                  top_p=top_p, seed=seed, stop_tokens=stop_tokens, on_tokens=on_tokens)
+    return greedy_tree_decode(model, prompts, max_new_tokens, chain_for(model, k),
+                              stop_tokens=stop_tokens, on_tokens=on_tokens)
+
+
+def tree_generate(model: MTPModel, prompts: list[list[int]], max_new_tokens: int, *,
+                  tree: DraftTree | Sequence[int] | None = None, stop_tokens: Collection[int] = (),
+                  on_tokens: TokenCallback | None = None) -> SpeculativeResult:
+    """Greedy Medusa-style tree decoding; `tree` is a DraftTree or per-depth widths such as
+    (3, 2, 1) (default: DEFAULT_TREE fitted to the model). Same tokens as greedy `generate`."""
+    tree = default_tree(model.cfg.n_future) if tree is None else as_tree(tree)
+    return greedy_tree_decode(model, prompts, max_new_tokens, tree, stop_tokens=stop_tokens, on_tokens=on_tokens)
+
+
+# ----- speculative sampling (chain) -------------------------------------------------------------
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float
+    top_k: int | None
+    top_p: float | None
+
+    def probs(self, logits: Tensor) -> Tensor:
+        return sampling_probs(logits, self.temperature, self.top_k, self.top_p)
+
+
+def draw(probs: Tensor, generator: torch.Generator | None) -> Tensor:
+    """One sample per distribution over the last dim of probs (..., V) -> (...)."""
+    flat = probs.reshape(-1, probs.shape[-1])
+    return torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
+
+
+def rejection_step(p: Tensor, q: Tensor, drafts: Tensor, useful: Tensor, max_depth: Tensor,
+                   generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    """The speculative sampling rule, per row. p: target (B, k+1, V) from head 1 at each block
+    position; q: draft distributions (B, k, V); drafts (B, k) ~ q; useful (B, k) drafts a row may
+    accept. Returns (drafts accepted a (B,), final token (B,)): the token after the accepted
+    prefix, from norm(max(0, p - q)) when draft a+1 was rejected, else from p (bonus)."""
+    B, k = drafts.shape
+    p_d = p[:, :k].gather(-1, drafts[..., None])[..., 0]
+    q_d = q.gather(-1, drafts[..., None])[..., 0]
+    u = torch.rand(B, k, generator=generator, device=p.device, dtype=p.dtype)
+    ok = (u * q_d <= p_d) & useful  # accept with probability min(1, p/q)
+    accepted = ok.long().cumprod(-1).sum(-1)
+    rows = torch.arange(B, device=p.device)
+    p_a = p[rows, accepted]
+    residual = (p_a - q[rows, accepted.clamp(max=k - 1)]).clamp(min=0)
+    mass = residual.sum(-1, keepdim=True)
+    residual = torch.where(mass > 0, residual / mass.clamp(min=1e-30), p_a)  # p == q: never rejected
+    rejected = accepted < max_depth
+    final = draw(torch.where(rejected[:, None], residual, p_a), generator)
+    return accepted, final
+
+
+def sampling_step(dec: Decoder, sampling: Sampling, pending: Tensor, q: Tensor,
+                  generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    """One verify pass; returns the next pending tokens (B,) and draft distributions (B, k, V)."""
+    block = block_layout(dec.state, dec.tables, dec.cache_len)
+    drafts = draw(q, generator)
+    nodes = torch.cat([pending[:, None], drafts], dim=1)
+    logits = verify_forward(dec.model, dec.tree, dec.tables, block, nodes, dec.cache_len)
+    p = sampling.probs(logits[:, :, 0])
+    max_depth = max_useful_depth(block, dec.tables)
+    accepted, final = rejection_step(p, q, drafts, block.useful[:, 1:], max_depth, generator)
+    dec.stats.update(accepted, max_depth, block.active)
+    dec.state.count_forward()
+    commit_block(dec, nodes, accepted, accepted, final)  # in a chain, node index == depth
+    rows = torch.arange(nodes.shape[0], device=nodes.device)
+    return final, sampling.probs(logits[rows, accepted, 1:])
+
+
+@torch.no_grad()
+def speculative_sample(model: MTPModel, prompts: list[list[int]], max_new_tokens: int, *,
+                       k: int | None = None, temperature: float = 1.0, top_k: int | None = None,
+                       top_p: float | None = None, seed: int | None = None,
+                       stop_tokens: Collection[int] = (), on_tokens: TokenCallback | None = None) -> SpeculativeResult:
+    """Speculative sampling with k drafts from heads 2..k+1: the output is distributed exactly as
+    `generate` with the same temperature / top_k / top_p (temperature 0 gives greedy tokens)."""
+    check_sampling(temperature, top_k, top_p)
+    sampling = Sampling(temperature, top_k, top_p)
+    dec, logits = start_decoder(model, prompts, max_new_tokens, chain_for(model, k), stop_tokens, on_tokens)
+    if logits is None:
+        return dec.stats.finish(dec.state)
+    generator = make_generator(seed, logits.device)
+    pending = draw(sampling.probs(logits[:, 0]), generator)
+    rows = dec.state.active_rows()
+    commit_rows(dec.state, rows, [[t] for t in pending[rows].tolist()], on_tokens)
+    q = sampling.probs(logits[:, 1:])
+    while dec.state.active_rows():
+        pending, q = sampling_step(dec, sampling, pending, q, generator)
+    return dec.stats.finish(dec.state)
+
+
+# ----- benchmark --------------------------------------------------------------------------------
+Runner = Callable[[list[list[int]], int], GenerationResult]
+
+
+def default_modes(model: MTPModel) -> list[str]:
+    """greedy, a chain for every usable k, and the default tree (just greedy for n_future = 1)."""
+    draft_heads = model.cfg.n_future - 1
+    return ["greedy"] + [f"spec{k}" for k in range(1, draft_heads + 1)] + (["tree"] if draft_heads else [])
+
+
+def mode_runner(model: MTPModel, mode: str) -> Runner:
+    """greedy | spec<k> (chain of k drafts) | tree (default tree) | tree:3,2,1 (given widths)."""
+    if mode == "greedy":
+        return lambda prompts, n: generate(model, prompts, n)
+    if mode.startswith("spec") and mode[4:].isdigit():
+        k = int(mode[4:])
+        chain_for(model, k)  # fail before timing anything
+        return lambda prompts, n: speculative_generate(model, prompts, n, k=k)
+    if mode == "tree" or mode.startswith("tree:"):
+        tree = default_tree(model.cfg.n_future) if mode == "tree" else parse_tree(mode[5:])
+        check_tree(model, tree)
+        return lambda prompts, n: tree_generate(model, prompts, n, tree=tree)
+    raise GenerationError(f"unknown decoding mode {mode!r}; use greedy, spec<k>, tree or tree:3,2,1")
+
+
+def parse_tree(text: str) -> DraftTree:
+    try:
+        return DraftTree.from_branching([int(w) for w in text.split(",")])
+    except ValueError:
+        raise GenerationError(f"tree widths must look like 3,2,1, got {text!r}") from None
+
+
+@dataclass
+class ModeRun:
+    """One mode's outputs over all batches, and its best wall time."""
+
+    tokens: list[list[int]] = field(default_factory=list)
+    row_forwards: list[int] = field(default_factory=list)
+    attempts: list[int] = field(default_factory=list)
+    accepts: list[int] = field(default_factory=list)
+    seconds: float = math.inf
+
+    def add(self, result: GenerationResult) -> None:
+        self.tokens += result.tokens
+        self.row_forwards += result.row_forwards
+        if isinstance(result, SpeculativeResult):
+            if not self.attempts:
+                self.attempts = [0] * len(result.draft_attempts)
+                self.accepts = [0] * len(result.draft_accepts)
+            self.attempts = [a + b for a, b in zip(self.attempts, result.draft_attempts)]
+            self.accepts = [a + b for a, b in zip(self.accepts, result.draft_accepts)]
+
+
+def time_mode(run: Runner, batches: list[list[list[int]]], max_new_tokens: int) -> tuple[float, ModeRun]:
+    out = ModeRun()
+    start = time.perf_counter()
+    for batch in batches:
+        out.add(run(batch, max_new_tokens))
+    return time.perf_counter() - start, out
+
+
+def decode_benchmark(model: MTPModel, prompts: list[list[int]], max_new_tokens: int, modes: list[str],
+                     batch_size: int = 1, *, repeats: int = 1, warmup_tokens: int = 8) -> list[dict[str, Any]]:
+    """Decode the same prompts with plain greedy and each mode; one row per mode (greedy first):
+    mode, batch, tokens, seconds, tokens_per_s, tokens_per_forward, speedup (vs greedy tokens/s),
+    acceptance (per draft head 2.., P(accepted | earlier drafts accepted)), matches_greedy.
+    Every mode is warmed up first; timings are the best of `repeats`, modes interleaved."""
+    names = ["greedy"] + [m for m in dict.fromkeys(modes) if m != "greedy"]
+    runners = {m: mode_runner(model, m) for m in names}
+    batches = [prompts[i : i + batch_size] for i in range(0, len(prompts), batch_size)]
+    for run in runners.values():
+        run(batches[0], min(warmup_tokens, max_new_tokens))
+    runs: dict[str, ModeRun] = {}
+    for _ in range(max(1, repeats)):
+        for name, run in runners.items():
+            seconds, out = time_mode(run, batches, max_new_tokens)
+            if name not in runs or seconds < runs[name].seconds:
+                out.seconds = seconds
+                runs[name] = out
+    return [benchmark_row(name, runs[name], runs["greedy"], batch_size) for name in names]
+
+
+def benchmark_row(name: str, run: ModeRun, greedy: ModeRun, batch_size: int) -> dict[str, Any]:
+    n_tokens = sum(map(len, run.tokens))
+    rate = n_tokens / run.seconds if run.seconds > 0 else math.inf
+    greedy_rate = sum(map(len, greedy.tokens)) / greedy.seconds if greedy.seconds > 0 else math.inf
+    return {
+        "mode": name,
+        "batch": batch_size,
+        "tokens": n_tokens,
+        "seconds": run.seconds,
+        "tokens_per_s": rate,
+        "tokens_per_forward": n_tokens / max(1, sum(run.row_forwards)),
+        "speedup": rate / greedy_rate,
+        "acceptance": [a / n if n else math.nan for a, n in zip(run.accepts, run.attempts)],
+        "matches_greedy": run.tokens == greedy.tokens,
+    }
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """Plain-text table of `decode_benchmark` rows, columns aligned."""
+    header = ["mode", "batch", "tok/s", "tok/fwd", "speedup", "accept h2/h3/..", "same as greedy"]
+    lines = [header] + [[
+        str(r["mode"]), str(r["batch"]), f"{r['tokens_per_s']:.1f}", f"{r['tokens_per_forward']:.2f}",
+        f"{r['speedup']:.2f}x",
+        "/".join("-" if math.isnan(a) else f"{a:.2f}" for a in r["acceptance"]) or "-",
+        "yes" if r["matches_greedy"] else "NO",
+    ] for r in rows]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+
+    def fmt(line: list[str]) -> str:  # first column left-aligned, numbers right-aligned
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
+
+    return "\n".join([fmt(lines[0]), "  ".join("-" * w for w in widths)] + [fmt(line) for line in lines[1:]])
+
+
+@torch.no_grad()
+def forward_time_ratio(model: MTPModel, batch_size: int = 1, context: int = 64, n_tokens: int = 5,
+                       repeats: int = 30) -> dict[str, float]:
+    """Seconds per cached forward, measured side by side after a prefill of `context` tokens:
+    t1 (1 token, head 1 only: a greedy step), t1_all (1 token, all heads), tn (n_tokens, all
+    heads: a chain verify step with k = n_tokens - 1). ratio = tn / t1_all; step_ratio = tn / t1."""
+    cfg = model.cfg
+    context = min(context, cfg.max_seq_len - n_tokens)
+    device = next(model.parameters()).device
+    setup_decode_cache(model, batch_size, context + n_tokens)
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(cfg.vocab_size, (batch_size, context + n_tokens), generator=gen).to(device)
+    prefill(model, tokens[:, :context], torch.full((batch_size,), context, device=device))
+    pos = torch.arange(context, context + n_tokens, device=device).expand(batch_size, -1)
+    calls = {
+        "t1": lambda: model(tokens[:, context : context + 1], pos[:, :1], heads=1),
+        "t1_all": lambda: model(tokens[:, context : context + 1], pos[:, :1], heads=cfg.n_future),
+        "tn": lambda: model(tokens[:, context:], pos, heads=cfg.n_future),
+    }
+    best = {name: math.inf for name in calls}
+    for _ in range(3):  # warm up
+        for call in calls.values():
+            call()
+    for _ in range(repeats):  # interleaved so drift hits all three alike
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return {**best, "ratio": best["tn"] / best["t1_all"], "step_ratio": best["tn"] / best["t1"]}
