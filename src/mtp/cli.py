@@ -121,6 +121,16 @@ def cmd_eval(args: argparse.Namespace) -> None:
         print(f"{i + 1:>4}  t+{i + 1:<5} {l:7.4f} {a:7.2%}")
 
 
+def cmd_experiment(args: argparse.Namespace) -> None:
+    from .experiments import run_experiment
+
+    scale = "quick" if args.quick else "medium" if args.medium else "default"
+    res = run_experiment(args.name, out_dir=args.out, seeds=args.seeds, scale=scale, threads=args.threads)
+    out = Path(args.out) if args.out else Path("experiments") / f"{args.name}-{scale}"
+    print((out / "results.md").read_text())
+    print(f"[{res['seconds'] / 60:.1f} min; results.json, results.md and plots in {out}]")
+
+
 def cmd_presets(args: argparse.Namespace) -> None:
     from .model import PRESETS, ModelConfig
 
@@ -307,6 +317,16 @@ def build_parser() -> argparse.ArgumentParser:
     pbd.add_argument("--modes", nargs="+", default=None, help="e.g. greedy spec1 spec2 spec3 tree")
     pbd.add_argument("--device", default="auto")
     pbd.set_defaults(func=cmd_bench_decode)
+
+    pxp = sub.add_parser("experiment", help="run one of the paper's small-scale studies")
+    pxp.add_argument("name", choices=["induction", "polynomial", "bytes", "choose-n"])
+    size = pxp.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="tiny settings that only check the plumbing (~1 min)")
+    size.add_argument("--medium", action="store_true", help="a reduced run (default: the full ~1 h setting)")
+    pxp.add_argument("--out", default=None, help="output directory (default: experiments/NAME-SCALE)")
+    pxp.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds (default: the scale's)")
+    pxp.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    pxp.set_defaults(func=cmd_experiment)
 
     ps = sub.add_parser("presets", help="list the named model sizes")
     ps.set_defaults(func=cmd_presets)

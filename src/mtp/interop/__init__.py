@@ -1,0 +1,28 @@
+"""Conversion between MTPModel and other checkpoint formats.
+
+- `mtp.interop.meta`: Meta's multi-token prediction release (params.json + consolidated.pth).
+- `mtp.interop.hf`: Hugging Face Llama / Mistral / Qwen2 causal LMs (import and export).
+
+Optional dependencies (transformers, sentencepiece) are imported only when a converter runs.
+"""
+
+from pathlib import Path
+
+from ._common import InteropError
+from .hf import export_hf, import_hf
+from .meta import SentencePieceTokenizer, load_meta, save_meta
+
+__all__ = ["InteropError", "SentencePieceTokenizer", "detect_format", "export_hf", "import_hf", "load_meta",
+           "save_meta"]
+
+
+def detect_format(directory: str | Path) -> str:
+    """Which format a checkpoint directory holds: "meta" (params.json) or "hf" (config.json)."""
+    path = Path(directory)
+    if not path.is_dir():
+        raise InteropError(f"{path} is not a directory")
+    if (path / "params.json").is_file():
+        return "meta"
+    if (path / "config.json").is_file():
+        return "hf"
+    raise InteropError(f"{path}: neither params.json (Meta) nor config.json (Hugging Face) found")
