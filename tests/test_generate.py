@@ -7,11 +7,12 @@ to ~1e-15 and equality of the token streams is a fair requirement.
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
 from mtp import ModelConfig, MTPModel
-from mtp import generate as gen_mod
 from mtp.generate import (
     GenerationError, generate, generate_reference, pad_prompts, prefill, sample_next, sampling_probs,
 )
@@ -186,6 +187,8 @@ def test_bad_requests_raise_one_line_errors(prompts, kw, msg):
 
 def test_batch_too_large_for_memory(monkeypatch):
     model = make_model(12)
+    # mtp.generate (the function) shadows the submodule's name on the package, so look it up.
+    gen_mod = importlib.import_module("mtp.generate")
     monkeypatch.setattr(gen_mod, "available_memory_bytes", lambda: 1 << 20)
     with pytest.raises(GenerationError, match="batch of 64 .* GiB of KV cache"):
         generate(model, [[1, 2, 3]] * 64, 40)

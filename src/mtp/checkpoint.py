@@ -41,15 +41,17 @@ def _write_text_atomic(path: Path, text: str) -> None:
 
 def save_checkpoint(run_dir: str | Path, step: int, model: MTPModel, tokenizer: Any | None = None,
                     trainer_state: dict[str, Any] | None = None, train_config: dict[str, Any] | None = None,
-                    keep: int | None = None) -> Path:
-    """Write run_dir/ckpt-<step>/ atomically, point run_dir/latest at it, keep the newest `keep`."""
+                    keep: int | None = None, model_state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write run_dir/ckpt-<step>/ atomically, point run_dir/latest at it, keep the newest `keep`.
+    `model_state` replaces model.state_dict() (e.g. full weights gathered from a sharded model)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     final = run_dir / f"ckpt-{step:08d}"
     tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=".tmp-ckpt-"))
     try:
         (tmp / CONFIG).write_text(json.dumps(model.cfg.to_dict(), indent=2))
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        weights = model.state_dict() if model_state is None else model_state
+        state = {k: v.detach().contiguous().cpu() for k, v in weights.items()}
         save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt", "step": str(step)})
         if tokenizer is not None:
             tokenizer.save(tmp)

@@ -94,6 +94,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     cfg = build_train_config(args)
     result = train(cfg)
+    if not result.get("is_main", True):
+        return  # under torchrun only rank 0 reports
     if result["val"] is not None:
         heads = ", ".join(f"head {i + 1}: loss {l:.3f} acc {a:.1%}"
                           for i, (l, a) in enumerate(zip(result["val"]["loss"], result["val"]["acc"])))

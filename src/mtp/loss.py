@@ -13,6 +13,7 @@ Target alignment (`align_targets`), for a window of L tokens fed as inputs x_0..
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Sequence
 
 import torch
@@ -66,26 +67,31 @@ def mtp_loss(logits: Tensor, tokens: Tensor, weights: Sequence[float] | None = N
 
 
 def chunked_ce_backward(model: MTPModel, hidden: Tensor, targets: Tensor, scale: float,
-                        chunk_size: int | None) -> tuple[Tensor, Tensor]:
+                        chunk_size: int | None, final: bool = False) -> tuple[Tensor, Tensor]:
     """Mean cross-entropy of one head from its hidden states, backpropagated chunk by chunk.
 
     `hidden` (N, d) must be a leaf that requires grad: its .grad receives d(scale * loss)/d hidden,
     and the shared norm/unembedding receive their gradients. At most `chunk_size` rows of logits
-    exist at a time (all rows when None). Returns (loss, number of counted targets), detached."""
+    exist at a time (all rows when None). Returns (loss, number of counted targets), detached.
+    `final`: no later call uses the unembedding in this micro-batch; a data-parallel model
+    (mtp.distributed.ParallelMTP) then syncs the unembedding's gradients in the last chunk."""
     N = hidden.shape[0]
     count = int((targets != IGNORE).sum())
     total = torch.zeros((), device=hidden.device)
     if count == 0:
         return total, torch.tensor(0)
     step = N if chunk_size is None else max(1, chunk_size)
+    final_hook = getattr(model, "final_unembed", None) if final else None
     for start in range(0, N, step):
         h = hidden[start : start + step]
         t = targets[start : start + step]
-        # No Python name for the logits: autograd saves only the log-softmax output, so the logits
-        # are freed before backward (3 logits-sized buffers at the peak instead of 4).
-        ce = F.cross_entropy(_upcast(model.unembed(h)), t, ignore_index=IGNORE, reduction="sum")
-        if ce.requires_grad:  # False when this head and its input are frozen (finetuning)
-            (ce * (scale / count)).backward()
+        last = final_hook is not None and start + step >= N
+        with final_hook() if last else nullcontext():
+            # No Python name for the logits: autograd saves only the log-softmax output, so the
+            # logits are freed before backward (3 logits-sized buffers at the peak instead of 4).
+            ce = F.cross_entropy(_upcast(model.unembed(h)), t, ignore_index=IGNORE, reduction="sum")
+            if ce.requires_grad:  # False when this head and its input are frozen (finetuning)
+                (ce * (scale / count)).backward()
         total += ce.detach()
         del ce
     return total / count, torch.tensor(count)
@@ -101,7 +107,8 @@ def mtp_backward(model: MTPModel, tokens: Tensor, weights: Sequence[float] | Non
     piles up at the trunk output; the trunk runs backward once at the end. Gradients equal those
     of `(loss_scale * mtp_loss(model(tokens[:, :T]), tokens)[0]).backward()`.
     With `chunk_size`, each head's cross-entropy is computed over at most that many positions at a
-    time, so not even one head's full (B*T, V) logits exist. Call inside autocast if wanted."""
+    time, so not even one head's full (B*T, V) logits exist. Call inside autocast if wanted.
+    `model` may also be a data-parallel `mtp.distributed.ParallelMTP` (same pieces, wrapped)."""
     n = model.cfg.n_future
     w = _head_weights(n, weights)
     B, L = tokens.shape
@@ -112,12 +119,17 @@ def mtp_backward(model: MTPModel, tokens: Tensor, weights: Sequence[float] | Non
     z = model.trunk(inputs, rope)
     z_leaf = z.detach().requires_grad_(z.requires_grad)  # a frozen trunk needs no gradient
     per_head = torch.zeros(n, device=tokens.device)
+    # The last head whose cross-entropy runs (heads without targets skip it) is the unembedding's
+    # last use in this call; data-parallel wrappers sync its gradients there.
+    ce_order = list(range(n)) if model.cfg.head_type in ("parallel", "linear") else model.head_order()[::-1]
+    has_targets = (targets != IGNORE).flatten(0, 1).any(0).tolist()
+    final_head = next((i for i in reversed(ce_order) if has_targets[i]), -1)
 
     def head_loss(i: int, out: Tensor) -> Tensor:
         """CE of head i on `out`; returns d loss / d out (gradient flowing into this head)."""
         out_leaf = out.detach().requires_grad_(out.requires_grad)
         loss, _ = chunked_ce_backward(model, out_leaf.view(B * T, -1), targets[:, :, i].reshape(-1),
-                                      loss_scale * w[i], chunk_size)
+                                      loss_scale * w[i], chunk_size, final=i == final_head)
         per_head[i] = loss
         return out_leaf.grad if out_leaf.grad is not None else torch.zeros_like(out)
 

@@ -2,6 +2,10 @@
 
 A run is a pure function of its config and seed: the batch for step s is `TokenData.batch(s)`, so
 resuming from a checkpoint at step s reproduces the loss curve of an uninterrupted run.
+Under torchrun each rank takes its share of every step's global batch (batch_size sequences per
+rank and micro-batch) and the model is wrapped for data parallelism (see mtp.distributed);
+checkpoints hold the full state, so a run may resume with a different number of processes
+(keep batch_size x grad_accum x processes fixed to keep the same global batch).
 """
 
 from __future__ import annotations
@@ -62,6 +66,9 @@ class TrainConfig:
     init_heads: str = "copy"  # new heads when n_future grows: copy (of head 1) | random
     trainable: str = "all"  # all | heads (trunk frozen) | extra_heads (only heads 2..n: next-token output unchanged)
     progress: bool = True  # show a progress bar
+    parallel: str = "auto"  # with torchrun: auto (= ddp) | ddp | fsdp (FSDP2, sharded); one process: none
+    activation_checkpointing: bool = False  # recompute trunk/head block activations in backward
+    threads: int = 0  # CPU threads per process; 0: torch's default alone, CPUs / local processes under torchrun
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "grad_accum"):
@@ -75,6 +82,10 @@ class TrainConfig:
             raise ConfigError(f"init_heads must be copy or random, got {self.init_heads!r}")
         if self.lr <= 0:
             raise ConfigError(f"lr must be positive, got {self.lr}")
+        if self.parallel not in distributed.STRATEGIES:
+            raise ConfigError(f"parallel must be one of {', '.join(distributed.STRATEGIES)}, got {self.parallel!r}")
+        if self.threads < 0:
+            raise ConfigError(f"threads must be >= 0, got {self.threads}")
 
     def model_config(self, vocab_size: int) -> ModelConfig:
         overrides = {"n_future": self.n_future, "head_type": self.head_type, "vocab_size": vocab_size,
@@ -153,29 +164,40 @@ def autocast(device: torch.device, dtype: str):
 
 
 @torch.no_grad()
-def evaluate(model: MTPModel, data: TokenData, batch_size: int, seq_len: int, max_batches: int,
-             device: torch.device, dtype: str = "fp32") -> dict[str, list[float]]:
-    """Per-head validation cross-entropy and top-1 accuracy over the first windows of a split."""
+def evaluate(model: MTPModel | distributed.ParallelMTP, data: TokenData, batch_size: int, seq_len: int,
+             max_batches: int, device: torch.device, dtype: str = "fp32",
+             dist: distributed.DistInfo | None = None) -> dict[str, list[float]]:
+    """Per-head validation cross-entropy and top-1 accuracy over the first windows of a split.
+
+    With `dist` (several processes) each batch holds batch_size windows per rank and every rank
+    evaluates its slice; the sums are added over ranks, so the result is that of one process
+    with batch_size x world_size, on every rank."""
     n = model.cfg.n_future
-    loss_sum = torch.zeros(n, dtype=torch.float64)
-    correct = torch.zeros(n, dtype=torch.float64)
-    count = torch.zeros(n, dtype=torch.float64)
+    world, rank = (dist.world_size, dist.rank) if dist is not None else (1, 0)
+    sums = torch.zeros(3, n, dtype=torch.float64)  # loss, correct, count
     was_training = model.training
     model.eval()
-    for tokens in validation_batches(data, batch_size, seq_len, n, max_batches):
-        tokens = tokens.to(device)
-        targets = align_targets(tokens, n, seq_len)
+    for tokens in validation_batches(data, batch_size * world, seq_len, n, max_batches):
+        part = tokens.tensor_split(world)[rank].to(device)
+        counted = len(part) > 0
+        if not counted:  # a short last batch: still run a forward, as FSDP2 needs every rank
+            part = tokens[:1].to(device)
+        targets = align_targets(part, n, seq_len)
         with autocast(device, dtype):
-            logits = model(tokens[:, :seq_len])
+            logits = model(part[:, :seq_len])
+        if not counted:
+            continue
         for i in range(n):
             lg = logits[:, :, i].reshape(-1, logits.shape[-1]).float()
             tg = targets[:, :, i].reshape(-1)
             valid = tg != IGNORE
-            loss_sum[i] += F.cross_entropy(lg, tg, ignore_index=IGNORE, reduction="sum").double().cpu()
-            correct[i] += ((lg.argmax(-1) == tg) & valid).sum().double().cpu()
-            count[i] += valid.sum().double().cpu()
+            sums[0, i] += F.cross_entropy(lg, tg, ignore_index=IGNORE, reduction="sum").double().cpu()
+            sums[1, i] += ((lg.argmax(-1) == tg) & valid).sum().double().cpu()
+            sums[2, i] += valid.sum().double().cpu()
     model.train(was_training)
-    count = count.clamp(min=1)
+    if dist is not None:
+        sums = distributed.sum_over_ranks(sums, dist)
+    loss_sum, correct, count = sums[0], sums[1], sums[2].clamp(min=1)
     return {"loss": (loss_sum / count).tolist(), "acc": (correct / count).tolist()}
 
 
@@ -196,8 +218,9 @@ class MetricsLog:
     """metrics.jsonl in the run directory; on resume, records past the resumed step are dropped
     so the file always describes one consistent run."""
 
-    def __init__(self, path: Path, resume_step: int | None) -> None:
+    def __init__(self, path: Path, resume_step: int | None, write: bool = True) -> None:
         self.path = path
+        self.write = write  # one writer (rank 0); other ranks only keep the records in memory
         self.records: list[dict[str, Any]] = []
         if resume_step is not None and path.exists():
             for line in path.read_text().splitlines():
@@ -207,12 +230,14 @@ class MetricsLog:
                     continue  # a line cut short by a crash
                 if rec.get("step", 0) <= resume_step:
                     self.records.append(rec)
-        path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+        if write:
+            path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
 
     def add(self, rec: dict[str, Any]) -> None:
         self.records.append(rec)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
+        if self.write:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
 
 
 def plot_losses(records: list[dict[str, Any]], path: Path) -> None:
@@ -250,9 +275,21 @@ def train(cfg: TrainConfig, stop_after: int | None = None,
           on_log: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Run (or resume) training; returns the final validation metrics and the run directory.
 
+    Under torchrun every rank calls this; rank 0 alone prints, logs and writes checkpoints, and
+    `on_log` is called on every rank with the same (rank-averaged) record.
     `stop_after` ends the run early after that many steps, as a crash would (used in tests)."""
-    dist = distributed.init(cfg.device)
+    dist = distributed.init(cfg.device, cfg.threads)
+    try:
+        return _train(cfg, dist, stop_after, on_log)
+    finally:
+        distributed.destroy(dist)
+
+
+def _train(cfg: TrainConfig, dist: distributed.DistInfo, stop_after: int | None,
+           on_log: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]:
     device = dist.device
+    strategy = distributed.resolve_strategy(cfg.parallel, dist)
+    # Every rank builds the same initial weights from the seed (FSDP2 shards them in place).
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
     train_data = TokenData(cfg.data, "train")
@@ -263,28 +300,43 @@ def train(cfg: TrainConfig, stop_after: int | None = None,
     if cfg.seq_len > mcfg.max_seq_len:
         raise ConfigError(f"seq_len={cfg.seq_len} exceeds the model's max_seq_len={mcfg.max_seq_len}")
     set_trainable(model, cfg.trainable)
-    opt = make_optimizer(model, cfg)
 
     start = 0
     latest = ckpt_io.latest_checkpoint(out) if cfg.resume else None
+    state: dict[str, Any] | None = None
     if latest is not None:
         saved_cfg = ckpt_io.load_config(latest)
         if saved_cfg != mcfg:
             raise ConfigError(f"--resume: the model config differs from the one saved in {latest}")
-        ckpt_io.load_weights(model, latest)
+        ckpt_io.load_weights(model, latest)  # full weights, before any sharding
         state = ckpt_io.load_trainer_state(latest)
-        opt.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"])
         start = state["step"]
     elif out.exists() and any(out.glob("ckpt-*")) and not cfg.resume:
         raise ConfigError(f"{out} already holds checkpoints; pass --resume to continue or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    log = MetricsLog(out / "metrics.jsonl", start if latest is not None else None)
+    if not distributed.same_on_all_ranks(start, dist):
+        raise ConfigError(f"the ranks found different checkpoints in {out}; on several nodes the run "
+                          "directory must be on a shared filesystem")
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    log = MetricsLog(out / "metrics.jsonl", start if latest is not None else None, write=dist.is_main)
     writer = _tensorboard(out) if dist.is_main else None
 
+    if cfg.activation_checkpointing:
+        distributed.checkpoint_activations(model)
     if cfg.compile:
         for block in [*model.trunk_layers, *model.heads]:
             block.compile()
+    # The wrapped model (what training calls) shares its parameters with `model`; the optimizer
+    # is built after wrapping because FSDP2 replaces the parameters by sharded ones.
+    runner: MTPModel | distributed.ParallelMTP = (
+        model if strategy == "none" else distributed.ParallelMTP(model, strategy, device))
+    opt = make_optimizer(model, cfg)
+    if state is not None:
+        distributed.load_optimizer_state(model, opt, state["optimizer"])
+        set_rng_state(state["rng"])
+
+    def micro_batch(last: bool) -> Any:
+        return runner.micro_batch(last) if isinstance(runner, distributed.ParallelMTP) else nullcontext()
 
     if val_data.num_windows(cfg.seq_len, mcfg.n_future) < 1:
         if dist.is_main:
@@ -292,13 +344,15 @@ def train(cfg: TrainConfig, stop_after: int | None = None,
         val_data = None
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * dist.world_size
     if dist.is_main:
+        layout = f"; {dist.world_size} processes ({strategy})" if dist.is_distributed else ""
         print(f"model: {mcfg.n_trunk} trunk blocks + {mcfg.n_future} {mcfg.head_type} heads, dim {mcfg.dim}, "
               f"vocab {mcfg.vocab_size}, {model.num_params() / 1e6:.2f}M parameters; "
-              f"{len(train_data.tokens):,} training tokens; device {device}"
+              f"{len(train_data.tokens):,} training tokens; device {device}{layout}"
               + (f"; resuming at step {start}" if start else ""), flush=True)
     bar = _progress(cfg, start, dist.is_main)
     end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
     final_eval: dict[str, list[float]] | None = None
+    trainable = [p for p in model.parameters() if p.requires_grad]
     model.train()
     t_last, last_logged = time.perf_counter(), start
     for step in range(start, end):
@@ -309,11 +363,15 @@ def train(cfg: TrainConfig, stop_after: int | None = None,
         for micro in range(cfg.grad_accum):
             batch = train_data.batch(step * cfg.grad_accum + micro, cfg.batch_size, cfg.seq_len, mcfg.n_future,
                                      seed=cfg.seed, rank=dist.rank, world_size=dist.world_size).to(device)
-            with autocast(device, cfg.dtype):
-                _, per_head = mtp_backward(model, batch, cfg.head_weights, seq_len=cfg.seq_len,
-                                      chunk_size=cfg.chunk_size, loss_scale=1.0 / cfg.grad_accum)
+            with micro_batch(micro == cfg.grad_accum - 1), autocast(device, cfg.dtype):
+                _, per_head = mtp_backward(runner, batch, cfg.head_weights, seq_len=cfg.seq_len,  # type: ignore[arg-type]
+                                           chunk_size=cfg.chunk_size, loss_scale=1.0 / cfg.grad_accum)
             head_loss += per_head.float().cpu() / cfg.grad_accum
-        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        # Logged on every rank and checked for NaN alike, so all ranks stop together.
+        head_loss = distributed.mean_over_ranks(head_loss, dist)
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor holding the global norm
+            grad_norm = grad_norm.full_tensor()
         opt.step()
         opt.zero_grad(set_to_none=True)
         done = step + 1
@@ -342,7 +400,10 @@ def train(cfg: TrainConfig, stop_after: int | None = None,
             bar.update(1)
         last = done == cfg.steps
         if val_data is not None and ((cfg.eval_every and done % cfg.eval_every == 0) or last):
-            final_eval = evaluate(model, val_data, cfg.batch_size, cfg.seq_len, cfg.eval_batches, device, cfg.dtype)
+            final_eval = evaluate(runner, val_data, cfg.batch_size, cfg.seq_len, cfg.eval_batches, device,
+                                  cfg.dtype, dist)
+            if isinstance(runner, distributed.ParallelMTP):
+                runner.reshard()
             rec = {"kind": "val", "step": done, "loss": final_eval["loss"][0], "head_loss": final_eval["loss"],
                    "head_acc": final_eval["acc"]}
             log.add(rec)
@@ -354,15 +415,20 @@ def train(cfg: TrainConfig, stop_after: int | None = None,
                 heads = "  ".join(f"h{i + 1} {l_:.3f}/{a_:.1%}" for i, (l_, a_) in
                                   enumerate(zip(final_eval["loss"], final_eval["acc"])))
                 _write(bar, f"step {done} val loss/acc per head: {heads}")
-        if dist.is_main and ((cfg.save_every and done % cfg.save_every == 0) or last):
-            state = {"step": done, "optimizer": opt.state_dict(), "rng": rng_state()}
-            ckpt_io.save_checkpoint(out, done, model, tokenizer, state, dataclasses.asdict(cfg), keep=cfg.keep)
-            plot_losses(log.records, out / "loss_curves.png")
+        if (cfg.save_every and done % cfg.save_every == 0) or last:
+            # Gathering the full state is collective under FSDP2: every rank takes part.
+            model_state, opt_state = distributed.full_state(model, opt)
+            if dist.is_main:
+                state = {"step": done, "optimizer": opt_state, "rng": rng_state()}
+                ckpt_io.save_checkpoint(out, done, model, tokenizer, state, dataclasses.asdict(cfg), keep=cfg.keep,
+                                        model_state=model_state)
+                plot_losses(log.records, out / "loss_curves.png")
     if bar is not None:
         bar.close()
     if writer is not None:
         writer.close()
-    return {"out": str(out), "step": end, "val": final_eval, "records": log.records}
+    distributed.barrier(dist)  # every rank returns once rank 0 has written the last checkpoint
+    return {"out": str(out), "step": end, "val": final_eval, "records": log.records, "is_main": dist.is_main}
 
 
 def _progress(cfg: TrainConfig, start: int, main: bool):
