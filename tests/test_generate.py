@@ -20,15 +20,6 @@ from mtp.generate import (
 V = 53
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models run faster on one thread, and the test machine is shared.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make_model(seed: int = 0, *, dtype: torch.dtype = torch.float64, **kw) -> MTPModel:
     torch.manual_seed(seed)
     cfg = ModelConfig.from_preset("tiny", **{"n_future": 2, "vocab_size": V, "max_seq_len": 64,

@@ -27,15 +27,6 @@ from mtp.speculative import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models run faster on one thread, and the test machine is shared.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ----- stub models: logits that depend on the position only -------------------------------------
 class StubModel(nn.Module):
     """Head i at position t returns table[i, t]; ignores tokens and the cache, so every accept /
