@@ -128,7 +128,7 @@ def cmd_experiment(args: argparse.Namespace) -> None:
 
     scale = "quick" if args.quick else "medium" if args.medium else "default"
     res = run_experiment(args.name, out_dir=args.out, seeds=args.seeds, scale=scale, threads=args.threads)
-    out = Path(args.out) if args.out else Path("experiments") / f"{args.name}-{scale}"
+    out = Path(res["out_dir"])
     print((out / "results.md").read_text())
     print(f"[{res['seconds'] / 60:.1f} min; results.json, results.md and plots in {out}]")
 
@@ -228,7 +228,7 @@ def default_bench_prompts() -> list[str]:
 
 def cmd_import(args: argparse.Namespace) -> None:
     from .checkpoint import save_checkpoint
-    from .interop import detect_format, import_hf, load_meta
+    from .interop import detect_format, import_gguf, import_hf, load_meta
 
     fmt = detect_format(args.source) if args.format == "auto" else args.format
     if fmt == "meta":
@@ -236,6 +236,8 @@ def cmd_import(args: argparse.Namespace) -> None:
         if args.n_future is not None and args.n_future != model.cfg.n_future:
             raise ValueError(f"{args.source} is a Meta checkpoint with {model.cfg.n_future} heads; "
                              "--n-future only applies to Hugging Face imports")
+    elif fmt == "gguf":
+        model, tok = import_gguf(args.source, n_future=args.n_future, init=args.init)
     else:
         model, tok = import_hf(args.source, n_future=args.n_future, init=args.init)
     ckpt = save_checkpoint(args.out, 0, model, tok)
@@ -325,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     size = pxp.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="tiny settings that only check the plumbing (~1 min)")
     size.add_argument("--medium", action="store_true", help="a reduced run (default: the full ~1 h setting)")
-    pxp.add_argument("--out", default=None, help="output directory (default: experiments/NAME-SCALE)")
+    pxp.add_argument("--out", default=None, help="output directory (default: runs/experiments/NAME-SCALE)")
     pxp.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds (default: the scale's)")
     pxp.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     pxp.set_defaults(func=cmd_experiment)
@@ -333,12 +335,13 @@ def build_parser() -> argparse.ArgumentParser:
     ps = sub.add_parser("presets", help="list the named model sizes")
     ps.set_defaults(func=cmd_presets)
 
-    pi = sub.add_parser("import", help="convert a Hugging Face or Meta checkpoint into an mtp checkpoint")
-    pi.add_argument("source", help="local model directory (config.json + weights, or params.json + consolidated.pth)")
+    pi = sub.add_parser("import", help="convert a Hugging Face, GGUF or Meta checkpoint into an mtp checkpoint")
+    pi.add_argument("source", help="local model directory (config.json + weights, or params.json + consolidated.pth) "
+                                   "or a Llama-family .gguf file (dequantised to fp32; needs mtp[gguf])")
     pi.add_argument("--out", required=True, help="run directory to write (ckpt-00000000 + latest)")
-    pi.add_argument("--format", choices=["auto", "hf", "meta"], default="auto")
+    pi.add_argument("--format", choices=["auto", "hf", "gguf", "meta"], default="auto")
     pi.add_argument("--n-future", type=int, default=None,
-                    help="heads for Hugging Face imports (default: saved MTP heads, else 4)")
+                    help="heads for Hugging Face / GGUF imports (default: saved MTP heads, else 4)")
     pi.add_argument("--init", choices=["copy", "random"], default="copy",
                     help="new heads 2..n: copies of the last layer, or random")
     pi.set_defaults(func=cmd_import)

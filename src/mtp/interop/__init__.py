@@ -2,6 +2,7 @@
 
 - `mtp.interop.meta`: Meta's multi-token prediction release (params.json + consolidated.pth).
 - `mtp.interop.hf`: Hugging Face Llama / Mistral / Qwen2 causal LMs (import and export).
+- `mtp.interop.gguf`: Llama-family .gguf files (import, dequantised through transformers).
 
 Optional dependencies (transformers, sentencepiece) are imported only when a converter runs.
 """
@@ -9,16 +10,19 @@ Optional dependencies (transformers, sentencepiece) are imported only when a con
 from pathlib import Path
 
 from ._common import InteropError
+from .gguf import import_gguf, is_gguf
 from .hf import export_hf, import_hf
 from .meta import SentencePieceTokenizer, load_meta, save_meta
 
-__all__ = ["InteropError", "SentencePieceTokenizer", "detect_format", "export_hf", "import_hf", "load_meta",
-           "save_meta"]
+__all__ = ["InteropError", "SentencePieceTokenizer", "detect_format", "export_hf", "import_gguf", "import_hf",
+           "is_gguf", "load_meta", "save_meta"]
 
 
 def detect_format(directory: str | Path) -> str:
-    """Which format a checkpoint directory holds: "meta" (params.json) or "hf" (config.json)."""
+    """Which format a checkpoint holds: "gguf" (a .gguf file), "meta" (params.json) or "hf" (config.json)."""
     path = Path(directory)
+    if is_gguf(path):
+        return "gguf"
     if not path.is_dir():
         raise InteropError(f"{path} is not a directory")
     if (path / "params.json").is_file():

@@ -288,6 +288,29 @@ def import_hf(directory: str | Path, n_future: int | None = None, init: str = "c
         what = f"is missing weight {missing[0]}" if missing else f"has weight {unexpected[0]} that {CONFIG} does not"
         raise InteropError(f"{directory} {what} (field num_hidden_layers or architecture mismatch)")
 
+    tokenizer = load_hf_tokenizer(directory, config)
+    return convert_hf_model(hf_model, tokenizer, n, init=init, source=directory, fields=fields, saved=saved)
+
+
+def convert_hf_model(hf_model: Any, tokenizer: Any | None, n_future: int, init: str = "copy", *,
+                     source: Path, fields: dict[str, Any] | None = None,
+                     saved: tuple[ModelConfig, dict[str, Tensor]] | None = None) -> tuple[MTPModel, Any | None]:
+    """(MTPModel, tokenizer) from an already loaded Llama-family transformers model (import_hf's
+    weight mapping; also used by the GGUF import). `source` names the origin in error messages."""
+    config = hf_model.config
+    if fields is None:
+        if config.model_type not in SUPPORTED:
+            raise InteropError(f"{source}: model_type {config.model_type!r} is not supported "
+                               f"(supported: {', '.join(SUPPORTED)})")
+        fields = _hf_fields(config, config.model_type, source)
+    if n_future < 1:
+        raise InteropError(f"n_future must be >= 1, got {n_future}")
+    if init not in ("copy", "random"):
+        raise InteropError(f"init must be 'copy' or 'random', got {init!r}")
+    n = n_future
+    n_trunk = int(config.num_hidden_layers) - 1
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    config_path = source / CONFIG if source.is_dir() else source
     hf_state = hf_model.state_dict()
     state: dict[str, Tensor] = {}
     for name, t in hf_state.items():
@@ -322,9 +345,8 @@ def import_hf(directory: str | Path, n_future: int | None = None, init: str = "c
             block = random_block(cfg, like=state["tok_embeddings.weight"])
         state.update({prefix + k: v for k, v in block.items()})
 
-    tokenizer = load_hf_tokenizer(directory, config)
-    check_vocab(tokenizer, cfg.vocab_size, directory)
-    return assign_state(cfg, state, directory, lambda k: _hf_name(k, n_trunk), config_name=CONFIG), tokenizer
+    check_vocab(tokenizer, cfg.vocab_size, source)
+    return assign_state(cfg, state, source, lambda k: _hf_name(k, n_trunk), config_name=CONFIG), tokenizer
 
 
 def _check_saved_matches(saved: ModelConfig, fields: dict[str, Any], n_trunk: int, path: Path) -> None:

