@@ -91,3 +91,19 @@ def test_memory_efficient_under_bf16_autocast_close_to_fp32():
         loss16, _ = mtp_backward(model, tokens, seq_len=32, chunk_size=16)
     assert abs(float(loss16) - float(loss32)) < 0.05
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.slow
+def test_compiled_blocks_give_the_same_gradients():
+    # What `mtp train --compile` does; slow (about a minute of compilation on 2 cores).
+    torch.manual_seed(0)
+    model = MTPModel(ModelConfig.from_preset("tiny", n_future=2, vocab_size=64))
+    tokens = torch.randint(0, 64, (2, 34))
+    mtp_backward(model, tokens, seq_len=32)
+    ref = _grads(model)
+    model.zero_grad()
+    for block in [*model.trunk_layers, *model.heads]:
+        block.compile()
+    mtp_backward(model, tokens, seq_len=32)
+    for k, g in _grads(model).items():
+        torch.testing.assert_close(g, ref[k], rtol=1e-4, atol=1e-6)
