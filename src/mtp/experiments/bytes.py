@@ -1,0 +1,138 @@
+"""Byte-level models (paper 3.3) and choosing n (paper 3.4), on the built-in code corpus.
+
+bytes: byte-level models with n in {1, 2, 4, 8} at equal parameters: next-byte validation loss,
+per-head accuracy, and self-speculative decoding (bytes per forward, wall-clock speedup over
+greedy) using every head, in particular all 8 heads of the n=8 model (paper Table S3: 7.04 bytes
+per forward and 6.39x at 7B).
+
+choose-n (`mtp.experiments.choose_n`) runs the same pipeline with a BPE tokenizer and
+n in {1, 2, 4, 6, 8}.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from . import common
+
+
+@dataclass
+class Settings:
+    tokenizer: str = "byte"  # byte | bpe
+    vocab_size: int = 2048  # BPE only
+    max_bytes: int = 3_000_000  # corpus size (the stdlib's Python source, capped)
+    model: dict[str, Any] = field(default_factory=lambda: dict(dim=128, n_layers=10, n_heads=4))
+    steps: int = 1500
+    batch_size: int = 16
+    seq_len: int = 256
+    lr: float = 2e-3
+    warmup: int = 100
+    n_values: tuple[int, ...] = (1, 2, 4, 8)
+    seeds: tuple[int, ...] = (0,)
+    eval_batches: int = 20
+    prompts: int = 8  # decoding benchmark: prompts cut from the validation split
+    prompt_len: int = 64
+    max_new_tokens: int = 128
+
+
+def settings(scale: str, tokenizer: str = "byte") -> Settings:
+    n_values = (1, 2, 4, 8) if tokenizer == "byte" else (1, 2, 4, 6, 8)
+    if scale == "quick":
+        return Settings(tokenizer=tokenizer, n_values=n_values, max_bytes=150_000, vocab_size=512,
+                        model=dict(dim=32, n_layers=9, n_heads=2), steps=10, batch_size=4, seq_len=64, warmup=2,
+                        eval_batches=2, prompts=2, prompt_len=16, max_new_tokens=16)
+    if scale == "medium":
+        return Settings(tokenizer=tokenizer, n_values=n_values, max_bytes=1_000_000, steps=600)
+    # Same token budget for both: choose-n trains 5 models, bytes 4.
+    return Settings(tokenizer=tokenizer, n_values=n_values, steps=1500 if tokenizer == "byte" else 1200)
+
+
+def decode_prompts(data_dir: Path, count: int, length: int) -> list[list[int]]:
+    """`count` prompts of `length` tokens taken at even strides through the validation split."""
+    from ..data import TokenData
+
+    val = TokenData(data_dir, "val")
+    stride = max(length, (len(val) - length) // max(1, count))
+    return [[int(t) for t in val.tokens[i * stride : i * stride + length]] for i in range(count)
+            if i * stride + length <= len(val)]
+
+
+def run(out_dir: Path, scale: str = "default", seeds: Sequence[int] | None = None,
+        command: str = "mtp experiment bytes", tokenizer: str = "byte") -> dict[str, Any]:
+    from ..checkpoint import load_model
+    from ..data import prepare
+    from ..evaluate.metrics import evaluate_prepared
+    from ..speculative import decode_benchmark
+    from ..train import TrainConfig
+
+    t_start = time.perf_counter()
+    st = settings(common.check_scale(scale), tokenizer)
+    seeds = tuple(seeds) if seeds else st.seeds
+    data_dir = out_dir / "data"
+    if not (data_dir / "meta.json").exists():
+        prepare(None, data_dir, tokenizer=st.tokenizer, vocab_size=st.vocab_size, max_bytes=st.max_bytes)
+    prompts = decode_prompts(data_dir, st.prompts, st.prompt_len)
+    unit = "bytes" if st.tokenizer == "byte" else "tokens"
+    runs: list[dict[str, Any]] = []
+    for n in st.n_values:
+        for seed in seeds:
+            run_dir = out_dir / "runs" / f"n{n}-s{seed}"
+            cfg = TrainConfig(data=str(data_dir), out=str(run_dir), preset="1M", model=dict(st.model), n_future=n,
+                              steps=st.steps, batch_size=st.batch_size, seq_len=st.seq_len, lr=st.lr,
+                              warmup=st.warmup, seed=seed, dtype="fp32", eval_every=0, eval_batches=st.eval_batches,
+                              log_every=max(1, st.steps // 20), chunk_size=None)
+            res = common.train_run(cfg)
+            model, _ = load_model(run_dir)
+            metrics = evaluate_prepared(model, data_dir, batch_size=8, seq_len=st.seq_len, max_batches=st.eval_batches)
+            row: dict[str, Any] = {"n": n, "seed": seed, "non_embedding_params": res["non_embedding_params"],
+                                   "val_loss": metrics["loss"], "head_acc": metrics["acc@1"],
+                                   "est_tokens_per_forward": metrics["est_tokens_per_forward"],
+                                   "train_seconds": res["seconds"]}
+            if n > 1:  # self-speculative decoding with every extra head (k = n - 1 drafts)
+                bench = decode_benchmark(model, prompts, st.max_new_tokens, [f"spec{n - 1}"], batch_size=1)
+                spec = bench[-1]
+                row.update(tokens_per_forward=spec["tokens_per_forward"], speedup=spec["speedup"],
+                           acceptance=spec["acceptance"], matches_greedy=spec["matches_greedy"],
+                           greedy_tokens_per_s=bench[0]["tokens_per_s"])
+            else:
+                row.update(tokens_per_forward=1.0, speedup=1.0)
+            runs.append(row)
+    summary = []
+    for n in st.n_values:
+        mine = [r for r in runs if r["n"] == n]
+        row = {"n": n, "params": mine[0]["non_embedding_params"]}
+        row["loss1"], row["loss1_sd"] = common.mean_std([r["val_loss"][0] for r in mine])
+        row["acc1"], _ = common.mean_std([r["head_acc"][0] for r in mine])
+        row["head_acc"] = "/".join(f"{common.mean_std([r['head_acc'][i] for r in mine])[0]:.2f}" for i in range(n))
+        row["tpf"], _ = common.mean_std([r["tokens_per_forward"] for r in mine])
+        row["speedup"], _ = common.mean_std([r["speedup"] for r in mine])
+        summary.append(row)
+    name = "bytes" if st.tokenizer == "byte" else "choose_n"
+    title = ("Byte-level models (paper 3.3)" if st.tokenizer == "byte" else "Choosing n on BPE code (paper 3.4)")
+    results = {"experiment": name, "scale": scale, "settings": st, "seeds": list(seeds), "runs": runs,
+               "summary": summary, "seconds": time.perf_counter() - t_start}
+    plot(summary, unit, out_dir / f"{name}.png")
+    md = common.header(title, command, st, seeds, results["seconds"])
+    md += (f"\nNext-{unit[:-1]} validation loss (nats), per-head top-1 accuracy, and greedy self-speculative "
+           f"decoding with all n-1 draft heads ({unit} per forward; wall-clock speedup over greedy, batch 1, "
+           f"{st.max_new_tokens} new {unit} from {len(prompts)} validation prompts).\n\n")
+    md += common.markdown_table(summary, [("n", "n"), ("params", "non-embedding params"), ("loss1", "head-1 val loss"),
+                                          ("acc1", "head-1 acc"), ("head_acc", "acc per head"),
+                                          ("tpf", f"{unit}/forward"), ("speedup", "speedup")])
+    md += f"\n\n![{name}]({name}.png)\n"
+    common.write_results(out_dir, results, md)
+    return results
+
+
+def plot(summary: list[dict[str, Any]], unit: str, path: Path) -> None:
+    fig, (ax1, ax2) = common.new_figure(2)
+    ns = [r["n"] for r in summary]
+    common.plot_lines(ax1, {"head 1 (next token)": (ns, [r["loss1"] for r in summary], [r["loss1_sd"] for r in summary])},
+                      "n (heads)", "validation loss (nats)", f"next-{unit[:-1]} loss vs n")
+    common.plot_lines(ax2, {f"{unit}/forward": (ns, [r["tpf"] for r in summary], None),
+                            "speedup (wall clock)": (ns, [r["speedup"] for r in summary], None)},
+                      "n (heads; k = n-1 drafts)", "x", "self-speculative decoding")
+    common.save_figure(fig, path)
