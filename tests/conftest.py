@@ -1,3 +1,6 @@
+import sysconfig
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -10,3 +13,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small prepared byte-level corpus built from a few standard-library files."""
+    from mtp.data import prepare
+
+    src = tmp_path_factory.mktemp("src")
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for name in ["textwrap.py", "glob.py", "fnmatch.py", "shlex.py", "bisect.py", "colorsys.py"]:
+        (src / name).write_text((stdlib / name).read_text())
+    out = tmp_path_factory.mktemp("data")
+    prepare(src, out, tokenizer="byte", val_fraction=0.2)
+    return out

@@ -140,21 +140,6 @@ def one_thread() -> Any:
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import sysconfig
-
-    from mtp.data import prepare
-
-    src = tmp_path_factory.mktemp("src")
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    for name in ["textwrap.py", "glob.py", "fnmatch.py", "shlex.py", "bisect.py", "colorsys.py"]:
-        (src / name).write_text((stdlib / name).read_text())
-    out = tmp_path_factory.mktemp("data")
-    prepare(src, out, tokenizer="byte", val_fraction=0.2)
-    return out
-
-
-@pytest.fixture(scope="module")
 def runs(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """1-process runs in this process, then one torchrun launch for all 2-process jobs:
     gradient/sync checks, one optimizer step under DDP and FSDP2, a 2-process run stopped after

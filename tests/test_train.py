@@ -12,20 +12,6 @@ from mtp.data import prepare
 from mtp.train import TrainConfig, lr_at, train
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    """A small prepared byte-level corpus built from a few standard-library files."""
-    import sysconfig
-
-    src = tmp_path_factory.mktemp("src")
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    for name in ["textwrap.py", "glob.py", "fnmatch.py", "shlex.py", "bisect.py", "colorsys.py"]:
-        (src / name).write_text((stdlib / name).read_text())
-    out = tmp_path_factory.mktemp("data")
-    prepare(src, out, tokenizer="byte", val_fraction=0.2)
-    return out
-
-
 def cfg(corpus: Path, out: Path, **kw) -> TrainConfig:
     base = dict(data=str(corpus), out=str(out), preset="tiny", n_future=2, steps=12, batch_size=4, seq_len=32,
                 lr=3e-3, warmup=3, eval_every=6, eval_batches=2, save_every=4, log_every=1, dtype="fp32",
