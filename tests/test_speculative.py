@@ -46,6 +46,12 @@ class StubModel(nn.Module):
         heads = self.cfg.n_future if heads is None else heads
         return self.table[:heads, pos].permute(1, 2, 0, 3)  # (B, S, heads, V)
 
+    # The decoders unembed hidden states themselves; the stub's "hidden states" are its logits.
+    hidden = forward
+
+    def unembed(self, h: Tensor) -> Tensor:
+        return h
+
     def setup_cache(self, max_batch: int, max_len: int, dtype=None) -> None:
         self.cache_batch, self.cache_len = max_batch, max_len
 

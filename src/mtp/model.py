@@ -321,6 +321,12 @@ class MTPModel(nn.Module):
         input_pos[b, t], writes cache slot slots[b, t] (default: its position) and attends to the
         slots where mask[b, t] is True (default: slots <= its position). Trees pass both.
         """
+        return self.unembed(self.hidden(tokens, input_pos, slots=slots, mask=mask, heads=heads))
+
+    def hidden(self, tokens: Tensor, input_pos: Tensor | None = None, *, slots: Tensor | None = None,
+               mask: Tensor | None = None, heads: int | None = None) -> Tensor:
+        """The heads' outputs before the shared norm and unembedding, (B, T, heads, dim); same
+        arguments as `forward`. Decoding uses it to unembed only the rows it needs."""
         if input_pos is None:
             if tokens.shape[1] > self.cfg.max_seq_len:
                 raise ConfigError(f"sequence of {tokens.shape[1]} tokens exceeds max_seq_len={self.cfg.max_seq_len}")
@@ -331,8 +337,7 @@ class MTPModel(nn.Module):
             ctx = self.cache_context(tokens, input_pos, slots, mask)
             rope = self.rope(input_pos)
         z = self.trunk(tokens, rope, ctx)
-        hs = self.head_hidden(z, rope, ctx, heads)
-        return self.unembed(torch.stack(hs, dim=2))
+        return torch.stack(self.head_hidden(z, rope, ctx, heads), dim=2)
 
     # ----- KV cache ---------------------------------------------------------------------------
     def setup_cache(self, max_batch: int, max_len: int, dtype: torch.dtype | None = None,

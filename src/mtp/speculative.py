@@ -241,9 +241,11 @@ def tree_mask(block: Block, ancestors: Tensor, kv_len: int) -> Tensor:
 
 def verify_forward(model: MTPModel, tree: DraftTree, tables: TreeTables, block: Block, nodes: Tensor,
                    cache_len: int) -> Tensor:
-    """Logits (B, N, depth+1, V) of every head at every node."""
+    """Hidden states (B, N, depth+1, dim) of every head at every node. Callers unembed head 1 at
+    every node but heads 2.. only at the accepted node: drafts are needed nowhere else, and the
+    unembedding is the largest matmul of a small model."""
     mask = None if tree.is_chain else tree_mask(block, tables.ancestors, cache_len)
-    return model(nodes, block.positions, slots=block.slots, mask=mask, heads=tree.depth + 1)
+    return model.hidden(nodes, block.positions, slots=block.slots, mask=mask, heads=tree.depth + 1)
 
 
 def draft_tokens(draft_logits: Tensor, tree: DraftTree, tables: TreeTables) -> Tensor:
@@ -324,8 +326,8 @@ def greedy_step(dec: Decoder, pending: Tensor, draft_logits: Tensor) -> tuple[Te
     """One verify pass; returns the next pending tokens (B,) and draft logits (B, depth, V)."""
     block = block_layout(dec.state, dec.tables, dec.cache_len)
     nodes = torch.cat([pending[:, None], draft_tokens(draft_logits, dec.tree, dec.tables)], dim=1)
-    logits = verify_forward(dec.model, dec.tree, dec.tables, block, nodes, dec.cache_len)
-    verdict = logits[:, :, 0].argmax(-1)  # head 1: the greedy token after each node
+    hidden = verify_forward(dec.model, dec.tree, dec.tables, block, nodes, dec.cache_len)
+    verdict = dec.model.unembed(hidden[:, :, 0]).argmax(-1)  # head 1: the greedy token after each node
     best = accepted_node(nodes, verdict, block, dec.tables)
     accepted = dec.tables.depth[best]
     rows = torch.arange(nodes.shape[0], device=nodes.device)
@@ -336,7 +338,7 @@ def greedy_step(dec: Decoder, pending: Tensor, draft_logits: Tensor) -> tuple[Te
     dec.stats.update(accepted, max_useful_depth(block, dec.tables), block.active)
     dec.state.count_forward()
     commit_block(dec, nodes, best, accepted, bonus)
-    return bonus, logits[rows, best, 1:]
+    return bonus, dec.model.unembed(hidden[rows, best, 1:])
 
 
 @torch.no_grad()
@@ -425,15 +427,15 @@ def sampling_step(dec: Decoder, sampling: Sampling, pending: Tensor, q: Tensor,
     block = block_layout(dec.state, dec.tables, dec.cache_len)
     drafts = draw(q, generator)
     nodes = torch.cat([pending[:, None], drafts], dim=1)
-    logits = verify_forward(dec.model, dec.tree, dec.tables, block, nodes, dec.cache_len)
-    p = sampling.probs(logits[:, :, 0])
+    hidden = verify_forward(dec.model, dec.tree, dec.tables, block, nodes, dec.cache_len)
+    p = sampling.probs(dec.model.unembed(hidden[:, :, 0]))
     max_depth = max_useful_depth(block, dec.tables)
     accepted, final = rejection_step(p, q, drafts, block.useful[:, 1:], max_depth, generator)
     dec.stats.update(accepted, max_depth, block.active)
     dec.state.count_forward()
     commit_block(dec, nodes, accepted, accepted, final)  # in a chain, node index == depth
     rows = torch.arange(nodes.shape[0], device=nodes.device)
-    return final, sampling.probs(logits[rows, accepted, 1:])
+    return final, sampling.probs(dec.model.unembed(hidden[rows, accepted, 1:]))
 
 
 @torch.no_grad()
