@@ -112,8 +112,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
     device = pick_device(args.device)
     model, _ = load_model(args.checkpoint, device=device)
     data = TokenData(args.data, args.split)
-    if data.tokens.max(initial=0) >= model.cfg.vocab_size:
-        raise ValueError(f"{args.data} holds token ids >= the model's vocab_size={model.cfg.vocab_size}: wrong tokenizer")
+    if data.vocab_size > model.cfg.vocab_size:
+        raise ValueError(f"{args.data} was tokenized with {data.vocab_size} tokens but the model has "
+                         f"vocab_size={model.cfg.vocab_size}: wrong tokenizer")
     res = evaluate(model, data, args.batch_size, args.seq_len, args.batches, device, args.dtype)
     if args.json:
         print(json.dumps(res))

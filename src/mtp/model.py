@@ -262,8 +262,6 @@ class MTPModel(nn.Module):
                 nn.init.ones_(p)
             elif name.endswith(".bias"):
                 nn.init.zeros_(p)
-            elif name.endswith(".bias"):
-                nn.init.zeros_(p)
             elif name.endswith(("wo.weight", "w2.weight")):
                 # Residual-branch outputs scaled down with depth, as in GPT-2.
                 nn.init.normal_(p, std=std / math.sqrt(2 * self.cfg.n_layers))
@@ -364,7 +362,7 @@ class MTPModel(nn.Module):
     def cache_context(self, tokens: Tensor, input_pos: Tensor, slots: Tensor | None,
                       mask: Tensor | None) -> CacheContext:
         B, S = tokens.shape
-        if self.cache_len == 0 or self.trunk_layers and self.trunk_layers[0].attention.cache_k is None:
+        if self.cache_len == 0:  # clear_cache() resets it too
             raise ConfigError("KV cache not set up: call model.setup_cache(max_batch, max_len) first")
         if B > self.cache_batch:
             raise ConfigError(f"batch of {B} exceeds the cache's max_batch={self.cache_batch}")

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from . import checkpoint as ckpt_io
 from . import distributed
-from .data import DataError, TokenData, Tokenizer, validation_batches
+from .data import TokenData, Tokenizer, validation_batches
 from .loss import IGNORE, align_targets, mtp_backward
 from .model import ConfigError, ModelConfig, MTPModel
 
@@ -93,8 +93,6 @@ class TrainConfig:
         cfg = ModelConfig.from_preset(self.preset, **overrides)
         if cfg.vocab_size < vocab_size:
             raise ConfigError(f"model vocab_size={cfg.vocab_size} is smaller than the tokenizer's {vocab_size}")
-        if self.seq_len > cfg.max_seq_len:
-            raise ConfigError(f"seq_len={self.seq_len} exceeds the model's max_seq_len={cfg.max_seq_len}")
         return cfg
 
 

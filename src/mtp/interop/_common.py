@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -85,3 +86,14 @@ def check_vocab(tokenizer: Any | None, vocab_size: int, source: Path) -> None:
     if tokenizer is not None and tokenizer.vocab_size > vocab_size:
         raise InteropError(f"{source}: the tokenizer has {tokenizer.vocab_size} tokens but the weights "
                            f"only {vocab_size} (vocab_size mismatch)")
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from `path`, or an InteropError naming the file."""
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InteropError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise InteropError(f"{path} must hold a JSON object")
+    return data

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from ..model import ConfigError, ModelConfig, MTPModel
-from ._common import InteropError, assign_state, check_vocab, make_config, random_block, require_dir
+from ._common import InteropError, assign_state, check_vocab, make_config, random_block, read_json, require_dir
 
 SUPPORTED = ("llama", "mistral", "qwen2")
 CONFIG = "config.json"
@@ -112,22 +112,12 @@ def _hf_name(ours: str, n_trunk: int) -> str:
 
 # ----- import --------------------------------------------------------------------------------------
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InteropError(f"{path} is not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise InteropError(f"{path} must hold a JSON object")
-    return data
-
-
 def _check_architecture(directory: Path) -> dict[str, Any]:
     """Refuse what MTPModel cannot represent before transformers loads anything."""
     path = directory / CONFIG
     if not path.is_file():
         raise InteropError(f"{path} is missing: not a Hugging Face model directory")
-    raw = _read_json(path)
+    raw = read_json(path)
     model_type = raw.get("model_type")
     if model_type == "gpt2":
         raise InteropError(f"{path}: model_type 'gpt2' is not supported (learned absolute positions, LayerNorm, "
@@ -180,7 +170,7 @@ def _saved_heads(directory: Path) -> tuple[ModelConfig, dict[str, Tensor]] | Non
     path = directory / MTP_CONFIG
     if not path.is_file():
         return None
-    meta = _read_json(path)
+    meta = read_json(path)
     if meta.get("format") != MTP_FORMAT or not isinstance(meta.get("model"), dict):
         raise InteropError(f"{path}: field format must be {MTP_FORMAT!r} with a 'model' config")
     try:
@@ -200,7 +190,7 @@ def _saved_heads(directory: Path) -> tuple[ModelConfig, dict[str, Tensor]] | Non
 def _hf_eos_token(directory: Path, hf_tok: Any, config: Any) -> str | None:
     tok_cfg = directory / "tokenizer_config.json"
     if tok_cfg.is_file():
-        eos = _read_json(tok_cfg).get("eos_token")
+        eos = read_json(tok_cfg).get("eos_token")
         if isinstance(eos, dict):  # serialised AddedToken
             eos = eos.get("content")
         if isinstance(eos, str) and hf_tok.token_to_id(eos) is not None:

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from ..model import ModelConfig, MTPModel
-from ._common import InteropError, assign_state, check_vocab, make_config, require_dir
+from ._common import InteropError, assign_state, check_vocab, make_config, read_json, require_dir
 
 PARAMS = "params.json"
 WEIGHTS = "consolidated.pth"
@@ -160,12 +160,7 @@ def _write_bytes_atomic(path: Path, data: bytes) -> None:
 def _read_params(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise InteropError(f"{path} is missing: not a Meta checkpoint directory")
-    try:
-        params = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InteropError(f"{path} is not valid JSON ({e})") from None
-    if not isinstance(params, dict):
-        raise InteropError(f"{path} must hold a JSON object")
+    params = read_json(path)
     for key in ("dim", "n_layers", "n_heads"):
         if key not in params:
             raise InteropError(f"{path}: missing field {key!r}")
