@@ -127,7 +127,8 @@ def train_heads(args: argparse.Namespace) -> None:
         data=str(data), out=args.checkpoint, init_from=str(latest_checkpoint(base)), n_future=4,
         trainable="extra_heads", dtype="bf16", steps=args.steps, batch_size=args.batch, seq_len=args.seq_len,
         lr=args.lr, warmup=max(1, args.steps // 20), eval_every=args.eval_every, eval_batches=args.eval_batches,
-        save_every=20, log_every=5, resume=True, threads=args.threads)
+        save_every=20, log_every=5, resume=True, threads=args.threads, targets=args.targets,
+        chunk_size=args.chunk_size)
     start = time.perf_counter()
     res = train(cfg)
     print(f"trained heads 2..4: {res['step']} steps in {(time.perf_counter() - start) / 60:.1f} min -> {res['out']}")
@@ -276,6 +277,9 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4, help="training sequences per step")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--targets", default="self", choices=["self", "data"],
+                   help="self: heads learn SmolLM2's own greedy tokens (self-distillation); data: the corpus")
+    p.add_argument("--chunk-size", type=int, default=1024, help="positions per cross-entropy chunk")
     p.add_argument("--eval-every", type=int, default=40)
     p.add_argument("--eval-batches", type=int, default=4)
     p.add_argument("--max-bytes", type=int, default=12_000_000, help="corpus cap (whole files)")

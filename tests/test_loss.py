@@ -3,6 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from mtp import IGNORE, ModelConfig, MTPModel, align_targets, mtp_backward, mtp_loss
+from mtp.loss import self_distill_targets
 
 
 def test_align_targets_table():
@@ -107,3 +108,33 @@ def test_compiled_blocks_give_the_same_gradients():
     mtp_backward(model, tokens, seq_len=32)
     for k, g in _grads(model).items():
         torch.testing.assert_close(g, ref[k], rtol=1e-4, atol=1e-6)
+
+
+def test_self_distill_targets_table():
+    targets = align_targets(torch.tensor([[10, 11, 12, 13, 14]]), 3, seq_len=4)
+    greedy = torch.tensor([[21, 22, 23, 24]])  # head 1's argmax at t predicts x_{t+1}
+    t = self_distill_targets(targets, greedy)
+    assert t[0, :, 0].tolist() == [11, 12, 13, 14]  # head 1 keeps the data
+    assert t[0, :, 1].tolist() == [22, 23, 24, IGNORE]  # head 2 at t: head 1's guess at t+1
+    assert t[0, :, 2].tolist() == [23, 24, IGNORE, IGNORE]
+
+
+@pytest.mark.parametrize("head_type", ["parallel", "causal"])
+def test_self_distill_gradients_equal_reference(head_type):
+    torch.manual_seed(0)
+    model = MTPModel(ModelConfig.from_preset("tiny", n_future=3, head_type=head_type, vocab_size=31)).double()
+    tokens = torch.randint(0, 31, (2, 12))
+    with torch.no_grad():
+        greedy = model(tokens[:, :10])[:, :, 0].argmax(-1)
+    targets = self_distill_targets(align_targets(tokens, 3, 10), greedy)
+    model.zero_grad()
+    logits = model(tokens[:, :10])
+    sum(F.cross_entropy(logits[:, :, i].reshape(-1, 31), targets[:, :, i].reshape(-1), ignore_index=IGNORE)
+        for i in range(3)).backward()
+    ref = _grads(model)
+    model.zero_grad()
+    mtp_backward(model, tokens, seq_len=10, chunk_size=7, self_distill=True)
+    got = _grads(model)
+    assert set(got) == set(ref)
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-9, atol=1e-12, msg=k)

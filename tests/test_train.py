@@ -140,3 +140,36 @@ def test_finetune_n_prime_one_from_multi_token_model(corpus, tmp_path):
     ft, _ = load_model(tmp_path / "ft")
     assert ft.cfg.n_future == 1 and ft.cfg.n_trunk == base.cfg.n_trunk
     assert ft.num_params() < base.num_params()
+
+
+def test_cli_finetune_defaults_to_self_distilled_extra_heads(corpus, tmp_path, capsys):
+    train(cfg(corpus, tmp_path / "base", steps=4, n_future=3))
+    base, _ = load_model(tmp_path / "base")
+    assert main(["finetune", str(tmp_path / "base"), "--data", str(corpus), "--out", str(tmp_path / "ft"),
+                 "--steps", "4", "--batch-size", "2", "--seq-len", "32", "--dtype", "fp32", "--no-progress",
+                 "--eval-every", "2", "--eval-batches", "1", "--lr", "1e-2"]) == 0
+    saved = json.loads((resolve_checkpoint(tmp_path / "ft") / "train_config.json").read_text())
+    assert saved["trainable"] == "extra_heads" and saved["targets"] == "self" and saved["n_future"] == 3
+    ft, _ = load_model(tmp_path / "ft")
+    x = torch.randint(0, 256, (1, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(ft(x)[:, :, 0], base(x)[:, :, 0])
+    vals = [json.loads(line) for line in (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()]
+    agree = [r["head_agree"] for r in vals if r["kind"] == "val"][-1]
+    assert agree[0] == 1.0 and len(agree) == 3 and all(0.0 <= a <= 1.0 for a in agree)
+
+
+def test_evaluate_agreement_matches_manual_count(corpus, tmp_path):
+    from mtp.data import TokenData, validation_batches
+    from mtp.train import evaluate
+
+    train(cfg(corpus, tmp_path / "run", steps=2, n_future=3))
+    model, _ = load_model(tmp_path / "run")
+    data = TokenData(corpus, "val")
+    res = evaluate(model, data, 2, 16, 1, torch.device("cpu"))
+    batch = next(iter(validation_batches(data, 2, 16, 3, 1)))
+    with torch.no_grad():
+        g = model(batch[:, :16]).argmax(-1)
+    for i in range(3):
+        manual = (g[:, : 16 - i, i] == g[:, i:, 0]).float().mean().item()
+        assert res["agree"][i] == pytest.approx(manual)

@@ -47,10 +47,11 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type) -> None:
             parser.add_argument(flag, type=hint, **kw)
 
 
-def build_train_config(args: argparse.Namespace):
+def build_train_config(args: argparse.Namespace, defaults: dict[str, Any] | None = None):
+    """TrainConfig from `defaults`, overridden by the YAML file, overridden by the flags typed."""
     from .train import TrainConfig
 
-    values: dict[str, Any] = {}
+    values: dict[str, Any] = dict(defaults or {})
     if getattr(args, "config", None):
         import yaml
 
@@ -89,10 +90,10 @@ def cmd_prepare(args: argparse.Namespace) -> None:
           f"{meta['tokenizer']} tokenizer with {meta['vocab_size']} tokens")
 
 
-def cmd_train(args: argparse.Namespace) -> None:
+def cmd_train(args: argparse.Namespace, defaults: dict[str, Any] | None = None) -> None:
     from .train import train
 
-    cfg = build_train_config(args)
+    cfg = build_train_config(args, defaults)
     result = train(cfg)
     if not result.get("is_main", True):
         return  # under torchrun only rank 0 reports
@@ -101,6 +102,17 @@ def cmd_train(args: argparse.Namespace) -> None:
                           for i, (l, a) in enumerate(zip(result["val"]["loss"], result["val"]["acc"])))
         print(f"final validation ({result['step']} steps): {heads}")
     print(f"checkpoint: {result['out']}  (plot: {Path(result['out']) / 'loss_curves.png'})")
+
+
+def cmd_finetune(args: argparse.Namespace) -> None:
+    """`train` starting from a checkpoint. Defaults differ where finetuning wants them to: the saved
+    number of heads, only heads 2..n trainable, and those heads learning the model's own greedy
+    tokens, so next-token output stays the same and the heads draft what verification accepts."""
+    from .checkpoint import load_config, resolve_checkpoint
+
+    args.init_from = args.base
+    n_future = load_config(resolve_checkpoint(args.base)).n_future
+    cmd_train(args, {"trainable": "extra_heads", "targets": "self", "n_future": n_future})
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -119,9 +131,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(res))
         return
-    print("head  target  loss    top-1")
-    for i, (l, a) in enumerate(zip(res["loss"], res["acc"])):
-        print(f"{i + 1:>4}  t+{i + 1:<5} {l:7.4f} {a:7.2%}")
+    print("head  target  loss    top-1   = head 1")  # last column: argmax agrees with head 1's (draft would pass)
+    for i, (l, a, g) in enumerate(zip(res["loss"], res["acc"], res["agree"])):
+        print(f"{i + 1:>4}  t+{i + 1:<5} {l:7.4f} {a:7.2%} {g:7.2%}")
 
 
 def cmd_experiment(args: argparse.Namespace) -> None:
@@ -284,6 +296,12 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--config", help="YAML file of TrainConfig fields (flags override it)")
     add_dataclass_flags(pt, TrainConfig)
     pt.set_defaults(func=cmd_train)
+
+    pf = sub.add_parser("finetune", help="train from a checkpoint (default: only heads 2..n, self-distilled)")
+    pf.add_argument("base", help="checkpoint or run directory to start from (e.g. made by `mtp import`)")
+    pf.add_argument("--config", help="YAML file of TrainConfig fields (flags override it)")
+    add_dataclass_flags(pf, TrainConfig)
+    pf.set_defaults(func=cmd_finetune)
 
     pe = sub.add_parser("eval", help="per-head validation loss and top-1 accuracy")
     pe.add_argument("--checkpoint", required=True)

@@ -97,9 +97,30 @@ def chunked_ce_backward(model: MTPModel, hidden: Tensor, targets: Tensor, scale:
     return total / count, torch.tensor(count)
 
 
+@torch.no_grad()
+def greedy_labels(model: MTPModel, z: Tensor, rope: tuple[Tensor, Tensor], chunk_size: int | None) -> Tensor:
+    """Head 1's argmax at every position (B, T): the model's own greedy next tokens."""
+    h = model.heads[0](z, rope)
+    flat = h.reshape(-1, h.shape[-1])
+    step = flat.shape[0] if chunk_size is None else max(1, chunk_size)
+    return torch.cat([model.unembed(flat[s : s + step]).argmax(-1) for s in range(0, flat.shape[0], step)]).view(
+        h.shape[:-1])
+
+
+def self_distill_targets(targets: Tensor, greedy: Tensor) -> Tensor:
+    """Targets where head i >= 2 at position t learns greedy[t + i - 1], head 1's prediction of the
+    same token x_{t+i}: the drafts then aim at what verification accepts, not at the corpus."""
+    out = targets.clone()
+    T = greedy.shape[1]
+    for i in range(1, targets.shape[2]):
+        out[:, :, i] = IGNORE
+        out[:, : T - i, i] = greedy[:, i:]
+    return out
+
+
 def mtp_backward(model: MTPModel, tokens: Tensor, weights: Sequence[float] | None = None, *,
                  seq_len: int | None = None, chunk_size: int | None = None,
-                 loss_scale: float = 1.0) -> tuple[Tensor, Tensor]:
+                 loss_scale: float = 1.0, self_distill: bool = False) -> tuple[Tensor, Tensor]:
     """Memory-efficient training step (forward and backward); returns (loss, per-head losses).
 
     The trunk runs forward once; each head then runs forward and backward on a detached copy of
@@ -108,7 +129,8 @@ def mtp_backward(model: MTPModel, tokens: Tensor, weights: Sequence[float] | Non
     of `(loss_scale * mtp_loss(model(tokens[:, :T]), tokens)[0]).backward()`.
     With `chunk_size`, each head's cross-entropy is computed over at most that many positions at a
     time, so not even one head's full (B*T, V) logits exist. Call inside autocast if wanted.
-    `model` may also be a data-parallel `mtp.distributed.ParallelMTP` (same pieces, wrapped)."""
+    `model` may also be a data-parallel `mtp.distributed.ParallelMTP` (same pieces, wrapped).
+    `self_distill`: heads 2..n learn head 1's greedy tokens (`self_distill_targets`), not the data."""
     n = model.cfg.n_future
     w = _head_weights(n, weights)
     B, L = tokens.shape
@@ -118,6 +140,10 @@ def mtp_backward(model: MTPModel, tokens: Tensor, weights: Sequence[float] | Non
     rope = model.rope(model.default_positions(inputs))
     z = model.trunk(inputs, rope)
     z_leaf = z.detach().requires_grad_(z.requires_grad)  # a frozen trunk needs no gradient
+    if self_distill:
+        if model.cfg.head_type == "anticausal":
+            raise ValueError("self-distillation needs head 1 to read the trunk output; anticausal heads do not")
+        targets = self_distill_targets(targets, greedy_labels(model, z.detach(), rope, chunk_size))
     per_head = torch.zeros(n, device=tokens.device)
     # The last head whose cross-entropy runs (heads without targets skip it) is the unembedding's
     # last use in this call; data-parallel wrappers sync its gradients there.

@@ -65,6 +65,7 @@ class TrainConfig:
     init_from: str | None = None  # start from this checkpoint's weights (finetuning); n_future may differ
     init_heads: str = "copy"  # new heads when n_future grows: copy (of head 1) | random
     trainable: str = "all"  # all | heads (trunk frozen) | extra_heads (only heads 2..n: next-token output unchanged)
+    targets: str = "data"  # data | self: heads 2..n learn head 1's greedy tokens (self-distillation, for drafting)
     progress: bool = True  # show a progress bar
     parallel: str = "auto"  # with torchrun: auto (= ddp) | ddp | fsdp (FSDP2, sharded); one process: none
     activation_checkpointing: bool = False  # recompute trunk/head block activations in backward
@@ -78,6 +79,10 @@ class TrainConfig:
             raise ConfigError(f"dtype must be bf16 or fp32, got {self.dtype!r}")
         if self.trainable not in ("all", "heads", "extra_heads"):
             raise ConfigError(f"trainable must be all, heads or extra_heads, got {self.trainable!r}")
+        if self.targets not in ("data", "self"):
+            raise ConfigError(f"targets must be data or self, got {self.targets!r}")
+        if self.targets == "self" and self.head_type == "anticausal":
+            raise ConfigError("targets=self needs head 1 to read the trunk output; anticausal heads do not")
         if self.init_heads not in ("copy", "random"):
             raise ConfigError(f"init_heads must be copy or random, got {self.init_heads!r}")
         if self.lr <= 0:
@@ -165,14 +170,16 @@ def autocast(device: torch.device, dtype: str):
 def evaluate(model: MTPModel | distributed.ParallelMTP, data: TokenData, batch_size: int, seq_len: int,
              max_batches: int, device: torch.device, dtype: str = "fp32",
              dist: distributed.DistInfo | None = None) -> dict[str, list[float]]:
-    """Per-head validation cross-entropy and top-1 accuracy over the first windows of a split.
+    """Per-head validation cross-entropy and top-1 accuracy over the first windows of a split, and
+    `agree`: how often head i's argmax at t equals head 1's argmax at t+i-1, i.e. the rate at which
+    head i's draft would pass greedy verification on this text (1.0 for head 1).
 
     With `dist` (several processes) each batch holds batch_size windows per rank and every rank
     evaluates its slice; the sums are added over ranks, so the result is that of one process
     with batch_size x world_size, on every rank."""
     n = model.cfg.n_future
     world, rank = (dist.world_size, dist.rank) if dist is not None else (1, 0)
-    sums = torch.zeros(3, n, dtype=torch.float64)  # loss, correct, count
+    sums = torch.zeros(5, n, dtype=torch.float64)  # loss, correct, count, agree, agree count
     was_training = model.training
     model.eval()
     for tokens in validation_batches(data, batch_size * world, seq_len, n, max_batches):
@@ -192,11 +199,17 @@ def evaluate(model: MTPModel | distributed.ParallelMTP, data: TokenData, batch_s
             sums[0, i] += F.cross_entropy(lg, tg, ignore_index=IGNORE, reduction="sum").double().cpu()
             sums[1, i] += ((lg.argmax(-1) == tg) & valid).sum().double().cpu()
             sums[2, i] += valid.sum().double().cpu()
+        greedy = logits.argmax(-1)  # (B, T, n)
+        for i in range(n):
+            same = greedy[:, : seq_len - i, i] == greedy[:, i:, 0]
+            sums[3, i] += same.sum().double().cpu()
+            sums[4, i] += same.numel()
     model.train(was_training)
     if dist is not None:
         sums = distributed.sum_over_ranks(sums, dist)
     loss_sum, correct, count = sums[0], sums[1], sums[2].clamp(min=1)
-    return {"loss": (loss_sum / count).tolist(), "acc": (correct / count).tolist()}
+    return {"loss": (loss_sum / count).tolist(), "acc": (correct / count).tolist(),
+            "agree": (sums[3] / sums[4].clamp(min=1)).tolist()}
 
 
 def rng_state() -> dict[str, Any]:
@@ -363,7 +376,8 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo, stop_after: int | None,
                                      seed=cfg.seed, rank=dist.rank, world_size=dist.world_size).to(device)
             with micro_batch(micro == cfg.grad_accum - 1), autocast(device, cfg.dtype):
                 _, per_head = mtp_backward(runner, batch, cfg.head_weights, seq_len=cfg.seq_len,  # type: ignore[arg-type]
-                                           chunk_size=cfg.chunk_size, loss_scale=1.0 / cfg.grad_accum)
+                                           chunk_size=cfg.chunk_size, loss_scale=1.0 / cfg.grad_accum,
+                                           self_distill=cfg.targets == "self")
             head_loss += per_head.float().cpu() / cfg.grad_accum
         # Logged on every rank and checked for NaN alike, so all ranks stop together.
         head_loss = distributed.mean_over_ranks(head_loss, dist)
@@ -403,7 +417,7 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo, stop_after: int | None,
             if isinstance(runner, distributed.ParallelMTP):
                 runner.reshard()
             rec = {"kind": "val", "step": done, "loss": final_eval["loss"][0], "head_loss": final_eval["loss"],
-                   "head_acc": final_eval["acc"]}
+                   "head_acc": final_eval["acc"], "head_agree": final_eval["agree"]}
             log.add(rec)
             if writer is not None:
                 for i, (l_, a_) in enumerate(zip(final_eval["loss"], final_eval["acc"])):
@@ -412,7 +426,9 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo, stop_after: int | None,
             if dist.is_main:
                 heads = "  ".join(f"h{i + 1} {l_:.3f}/{a_:.1%}" for i, (l_, a_) in
                                   enumerate(zip(final_eval["loss"], final_eval["acc"])))
-                _write(bar, f"step {done} val loss/acc per head: {heads}")
+                agree = "/".join(f"{a_:.1%}" for a_ in final_eval["agree"][1:])
+                _write(bar, f"step {done} val loss/acc per head: {heads}"
+                       + (f"; heads 2..{mcfg.n_future} agree with head 1: {agree}" if agree else ""))
         if (cfg.save_every and done % cfg.save_every == 0) or last:
             # Gathering the full state is collective under FSDP2: every rank takes part.
             model_state, opt_state = distributed.full_state(model, opt)
