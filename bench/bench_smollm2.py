@@ -200,22 +200,26 @@ def timed(decode: Decoder, batches: list[list[list[int]]], n: int, repeats: int)
     return best
 
 
-def row(name: str, batch: int, run: Run, hf_rate: float, reference: list[list[int]]) -> dict[str, Any]:
+def row(name: str, batch: int, run: Run, hf_rate: float, reference: list[list[int]],
+        own: list[list[int]]) -> dict[str, Any]:
+    """`reference`: HF fp32 greedy tokens; `own`: mtp greedy in the same dtype (what a mode must equal)."""
     n = sum(map(len, run.tokens))
     rate = n / run.seconds
     same = sum(a == b for a, b in zip(run.tokens, reference))
+    same_own = sum(a == b for a, b in zip(run.tokens, own))
     return {"mode": name, "batch": batch, "tokens": n, "seconds": run.seconds, "tokens_per_s": rate,
             "tokens_per_forward": n / max(1, run.forwards), "speedup_vs_hf": rate / hf_rate,
             "acceptance": [a / t if t else math.nan for a, t in zip(run.accepts, run.attempts)],
-            "same_as_hf": f"{same}/{len(reference)}"}
+            "same_as_hf": f"{same}/{len(reference)}", "same_as_own_greedy": f"{same_own}/{len(own)}"}
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    header = ["mode", "batch", "tok/s", "tok/fwd", "vs HF greedy", "accept h2/h3/h4", "= HF greedy"]
+    header = ["mode", "batch", "tok/s", "tok/fwd", "vs HF greedy", "accept h2/h3/h4", "= HF greedy",
+              "= mtp greedy"]
     lines = [header] + [[
         r["mode"], str(r["batch"]), f"{r['tokens_per_s']:.1f}", f"{r['tokens_per_forward']:.2f}",
         f"{r['speedup_vs_hf']:.2f}x", "/".join("-" if math.isnan(a) else f"{a:.2f}" for a in r["acceptance"]) or "-",
-        r["same_as_hf"]] for r in rows]
+        r["same_as_hf"], r["same_as_own_greedy"]] for r in rows]
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     fmt = lambda line: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
     return "\n".join([fmt(lines[0]), "  ".join("-" * w for w in widths)] + [fmt(line) for line in lines[1:]])
@@ -236,15 +240,21 @@ def benchmark(args: argparse.Namespace) -> None:
           f"new tokens; torch threads {torch.get_num_threads()}; load average {load[0]:.2f} {load[1]:.2f}", flush=True)
     decoders: dict[str, Decoder] = {"hf greedy": hf_decoder(hf, tok.eos_id, None)}
     decoders["hf prompt-lookup"] = hf_decoder(hf, tok.eos_id, 4)
-    for mode in ["greedy", "spec1", "spec2", "spec3", "tree"] + args.extra_modes:
-        decoders[f"mtp {mode}"] = mtp_decoder(model, mode)
+    models = {"fp32": model}
+    if "bf16" in args.dtypes:  # drafts and verification in bf16: cheap verify (AMX), not HF's fp32 numbers
+        models["bf16"] = load_model(args.checkpoint)[0].to(torch.bfloat16)
+    for dtype in args.dtypes:
+        for mode in ["greedy", "spec1", "spec2", "spec3", "tree"] + args.extra_modes:
+            decoders[mtp_name(mode, dtype)] = mtp_decoder(models[dtype], mode)
     # Reference: HF greedy, one prompt at a time.
     reference = timed(decoders["hf greedy"], [[p] for p in prompts], n, 1).tokens
     results: list[dict[str, Any]] = []
     for bs in args.batch_sizes:
-        ratio = forward_time_ratio(model, batch_size=bs, context=64, n_tokens=4)
-        print(f"batch {bs}: cached forward 1 token head 1 {ratio['t1'] * 1e3:.1f} ms, 4 tokens all heads "
-              f"{ratio['tn'] * 1e3:.1f} ms (verify/greedy step cost {ratio['step_ratio']:.2f})", flush=True)
+        for dtype in args.dtypes:
+            ratio = forward_time_ratio(models[dtype], batch_size=bs, context=64, n_tokens=4)
+            print(f"batch {bs}, {dtype}: cached forward of 1 token (head 1) {ratio['t1'] * 1e3:.1f} ms, of 4 tokens "
+                  f"(all heads) {ratio['tn'] * 1e3:.1f} ms: a k=3 verify costs {ratio['step_ratio']:.2f} greedy steps",
+                  flush=True)
         batches = [prompts[i : i + bs] for i in range(0, len(prompts), bs)]
         names = [m for m in decoders if not (bs > 1 and "lookup" in m)]  # transformers: lookup needs batch 1
         for name in names:  # warm-up
@@ -256,17 +266,25 @@ def benchmark(args: argparse.Namespace) -> None:
                 if r.seconds < runs[name].seconds:
                     runs[name] = r
         hf_rate = sum(map(len, runs["hf greedy"].tokens)) / runs["hf greedy"].seconds
-        rows = [row(name, bs, runs[name], hf_rate, reference) for name in names]
+        rows = []
+        for name in names:
+            dtype = next((d for d in args.dtypes if name.startswith("mtp") and name.endswith(d)), None)
+            own = runs[mtp_name("greedy", dtype)].tokens if dtype else reference
+            rows.append(row(name, bs, runs[name], hf_rate, reference, own))
         print(table(rows), flush=True)
         results += rows
     if args.show:
         for p, t in zip(prompts[:: max(1, len(prompts) // 4)], reference[:: max(1, len(prompts) // 4)]):
             print("-" * 60 + "\n" + tok.decode(p) + "\033[1m" + tok.decode(t) + "\033[0m")
-    out = ROOT / "bench.json"
+    out = Path(args.json or ROOT / "bench.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"checkpoint": str(args.checkpoint), "max_new_tokens": n, "prompts": len(prompts),
                                "load_average": load, "rows": results}, indent=2))
     print(f"load average at the end: {os.getloadavg()[0]:.2f}; results -> {out}")
+
+
+def mtp_name(mode: str, dtype: str | None) -> str:
+    return f"mtp {mode}" + ("" if dtype in (None, "fp32") else f" {dtype}")
 
 
 def main() -> None:
@@ -289,6 +307,9 @@ def main() -> None:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--extra-modes", nargs="*", default=[], help="more mtp modes, e.g. tree:4,2,1")
+    p.add_argument("--dtypes", nargs="+", default=["fp32"], choices=["fp32", "bf16"],
+                   help="mtp weight dtypes to decode in (fp32 reproduces HF's fp32 text)")
+    p.add_argument("--json", default=None, help="results file (default runs/smollm2/bench.json)")
     p.add_argument("--show", action="store_true", help="print some HF greedy completions")
     args = p.parse_args()
     torch.set_num_threads(args.threads)

@@ -5,6 +5,10 @@ Layout (parameter matched, as in the paper and the released checkpoints):
     tokens -> embedding -> trunk (n_layers - n_future blocks) -> z
     z -> head 1 .. head n (one block each by default) -> shared RMSNorm -> shared unembedding
 
+GPT-2-style models (imported by mtp.interop.hf) set norm="layer", mlp="gelu", pos_emb="learned"
+and bias=True: LayerNorm, a GELU MLP, a learned position table added to the token embedding, and
+biases on every linear layer of the blocks. The defaults are the Llama-style model.
+
 Head i predicts token t+i from position t. `forward` returns logits of shape (B, T, n_future, V);
 the loss lives in `mtp.loss`. The KV cache is set up apart from building the model
 (`setup_cache`) and covers the trunk and every head block.
@@ -22,6 +26,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 HEAD_TYPES = ("parallel", "linear", "causal", "anticausal")
+NORMS = ("rms", "layer")
+MLPS = ("swiglu", "gelu")
+POS_EMBS = ("rope", "learned")
 
 
 class ConfigError(ValueError):
@@ -48,6 +55,11 @@ class ModelConfig:
     max_seq_len: int = 2048
     init_std: float = 0.02
     attn_bias: bool = False  # biases on the q/k/v projections (Qwen2-style); off for Llama/Meta models
+    # GPT-2 style (see the module docstring); the defaults keep older config.json files loading as before.
+    norm: str = "rms"  # rms | layer (LayerNorm with bias)
+    mlp: str = "swiglu"  # swiglu | gelu (tanh-approximate GELU, two matrices)
+    pos_emb: str = "rope"  # rope | learned (max_seq_len x dim table added to the token embedding)
+    bias: bool = False  # biases on every linear layer inside the blocks
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -64,7 +76,12 @@ class ModelConfig:
             raise ConfigError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}")
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}")
-        if (self.dim // self.n_heads) % 2:
+        for name, options in (("norm", NORMS), ("mlp", MLPS), ("pos_emb", POS_EMBS)):
+            if getattr(self, name) not in options:
+                raise ConfigError(f"{name} must be one of {', '.join(options)}, got {getattr(self, name)!r}")
+        if not isinstance(self.bias, bool):
+            raise ConfigError(f"bias must be true or false, got {self.bias!r}")
+        if self.pos_emb == "rope" and (self.dim // self.n_heads) % 2:
             raise ConfigError(f"head dim {self.dim // self.n_heads} must be even for RoPE")
         if self.vocab_size < 1 or self.dim < 1 or self.n_layers < 1:
             raise ConfigError("dim, n_layers and vocab_size must be positive")
@@ -82,10 +99,18 @@ class ModelConfig:
     def ffn_dim(self) -> int:
         if self.hidden_dim is not None:
             return self.hidden_dim
+        if self.mlp == "gelu":  # GPT-2's rule; the rule below sizes SwiGLU's three matrices
+            return 4 * self.dim
         hidden = int(2 * 4 * self.dim / 3)
         if self.ffn_dim_multiplier is not None:
             hidden = int(self.ffn_dim_multiplier * hidden)
         return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+    def non_llama(self) -> str:
+        """The GPT-2-style fields that differ from the Llama-style defaults, e.g. "norm='layer',
+        bias=True" ("" for a Llama-style model): what Llama-only formats cannot represent."""
+        defaults = {"norm": "rms", "mlp": "swiglu", "pos_emb": "rope", "bias": False}
+        return ", ".join(f"{k}={getattr(self, k)!r}" for k, v in defaults.items() if getattr(self, k) != v)
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "ModelConfig":
@@ -137,6 +162,27 @@ class RMSNorm(nn.Module):
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    return RMSNorm(cfg.dim, cfg.norm_eps) if cfg.norm == "rms" else nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+
+
+class Embedding(nn.Embedding):
+    """The token embedding; with pos_emb="learned" also the position table `pos_weight`, added at
+    each token's position. The table lives here rather than in a module of its own so that
+    whatever owns the embedding (e.g. the trunk part in mtp.distributed) owns and syncs it too."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__(cfg.vocab_size, cfg.dim)
+        learned = cfg.pos_emb == "learned"
+        self.pos_weight = nn.Parameter(torch.empty(cfg.max_seq_len, cfg.dim)) if learned else None
+
+    def forward(self, tokens: Tensor, positions: Tensor | None = None) -> Tensor:
+        x = super().forward(tokens)
+        if self.pos_weight is not None:
+            x = x + F.embedding(positions, self.pos_weight)
+        return x
+
+
 def rope_tables(head_dim: int, positions: Tensor, theta: float) -> tuple[Tensor, Tensor]:
     """cos/sin for the half-rotation RoPE convention (as in Hugging Face Llama), shape (*pos, hd)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
@@ -157,19 +203,22 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.attn_bias)
-        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.attn_bias)
-        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.attn_bias)
-        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.use_rope = cfg.pos_emb == "rope"  # learned positions enter once, at the embedding
+        qkv_bias = cfg.attn_bias or cfg.bias
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=qkv_bias)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=qkv_bias)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=qkv_bias)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.bias)
         self.cache_k: Tensor | None = None  # (B, L, H_kv, hd), set by MTPModel.setup_cache
         self.cache_v: Tensor | None = None
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], ctx: "CacheContext | None") -> Tensor:
+    def forward(self, x: Tensor, rope: tuple[Tensor, ...], ctx: "CacheContext | None") -> Tensor:
         B, S, _ = x.shape
         q = self.wq(x).view(B, S, self.n_heads, self.head_dim)
         k = self.wk(x).view(B, S, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(B, S, self.n_kv_heads, self.head_dim)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if self.use_rope:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if ctx is None:
             out = F.scaled_dot_product_attention(
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
@@ -190,25 +239,29 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x); or GPT-2's GELU MLP (mlp="gelu"): w2(gelu(w1 x)), no w3."""
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.w1 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
-        self.w2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
-        self.w3 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.w1 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=cfg.bias)
+        self.w2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=cfg.bias)
+        self.w3 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=cfg.bias) if cfg.mlp == "swiglu" else None
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.w3 is None:
+            return self.w2(F.gelu(self.w1(x), approximate="tanh"))  # GPT-2's gelu_new
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention_norm = make_norm(cfg)
         self.attention = Attention(cfg)
-        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn_norm = make_norm(cfg)
         self.feed_forward = FeedForward(cfg)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], ctx: "CacheContext | None" = None) -> Tensor:
+    def forward(self, x: Tensor, rope: tuple[Tensor, ...], ctx: "CacheContext | None" = None) -> Tensor:
         x = x + self.attention(self.attention_norm(x), rope, ctx)
         return x + self.feed_forward(self.ffn_norm(x))
 
@@ -220,7 +273,7 @@ class LinearHead(nn.Module):
         super().__init__()
         self.proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], ctx: "CacheContext | None" = None) -> Tensor:
+    def forward(self, x: Tensor, rope: tuple[Tensor, ...], ctx: "CacheContext | None" = None) -> Tensor:
         return self.proj(x)
 
 
@@ -245,11 +298,11 @@ class MTPModel(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.tok_embeddings = Embedding(cfg)
         self.trunk_layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_trunk))
         head_cls = LinearHead if cfg.head_type == "linear" else Block
         self.heads = nn.ModuleList(head_cls(cfg) for _ in range(cfg.n_future))
-        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.norm = make_norm(cfg)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.cache_batch = 0
         self.cache_len = 0
@@ -260,7 +313,7 @@ class MTPModel(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):
                 nn.init.ones_(p)
-            elif name.endswith(".bias"):
+            elif name.endswith(".bias"):  # linear and LayerNorm biases
                 nn.init.zeros_(p)
             elif name.endswith(("wo.weight", "w2.weight")):
                 # Residual-branch outputs scaled down with depth, as in GPT-2.
@@ -283,20 +336,24 @@ class MTPModel(nn.Module):
         return list(range(n - 1, -1, -1)) if self.cfg.head_type == "anticausal" else list(range(n))
 
     # ----- forward pieces (used by the memory-efficient loss and by decoding) ----------------
-    def rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+    def rope(self, positions: Tensor) -> tuple[Tensor, ...]:
+        """What the trunk and every block get about positions: RoPE's (cos, sin), or with learned
+        positions just (positions,), which `trunk` looks up in the position table."""
+        if self.cfg.pos_emb == "learned":
+            return (positions,)
         return rope_tables(self.cfg.head_dim, positions, self.cfg.rope_theta)
 
     def default_positions(self, tokens: Tensor) -> Tensor:
         B, T = tokens.shape
         return torch.arange(T, device=tokens.device).expand(B, T)
 
-    def trunk(self, tokens: Tensor, rope: tuple[Tensor, Tensor], ctx: CacheContext | None = None) -> Tensor:
-        x = self.tok_embeddings(tokens)
+    def trunk(self, tokens: Tensor, rope: tuple[Tensor, ...], ctx: CacheContext | None = None) -> Tensor:
+        x = self.tok_embeddings(tokens, rope[0] if self.cfg.pos_emb == "learned" else None)
         for layer in self.trunk_layers:
             x = layer(x, rope, ctx)
         return x
 
-    def head_hidden(self, z: Tensor, rope: tuple[Tensor, Tensor], ctx: CacheContext | None = None,
+    def head_hidden(self, z: Tensor, rope: tuple[Tensor, ...], ctx: CacheContext | None = None,
                     heads: int | None = None) -> list[Tensor]:
         """Hidden states (before the shared norm) of the first `heads` heads, in head order 1..n."""
         n = self.cfg.n_future if heads is None else heads
@@ -315,8 +372,8 @@ class MTPModel(nn.Module):
                 mask: Tensor | None = None, heads: int | None = None) -> Tensor:
         """Logits (B, T, heads, V). Without `input_pos` this is a plain causal forward.
 
-        With `input_pos` (B, T) the KV cache is used: token (b, t) sits at RoPE position
-        input_pos[b, t], writes cache slot slots[b, t] (default: its position) and attends to the
+        With `input_pos` (B, T) the KV cache is used: token (b, t) sits at position input_pos[b, t]
+        (RoPE or learned), writes cache slot slots[b, t] (default: its position) and attends to the
         slots where mask[b, t] is True (default: slots <= its position). Trees pass both.
         """
         return self.unembed(self.hidden(tokens, input_pos, slots=slots, mask=mask, heads=heads))
@@ -389,4 +446,6 @@ class MTPModel(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
             n -= self.tok_embeddings.weight.numel() + self.output.weight.numel()
+            if self.tok_embeddings.pos_weight is not None:
+                n -= self.tok_embeddings.pos_weight.numel()
         return n

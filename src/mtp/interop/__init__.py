@@ -1,7 +1,7 @@
 """Conversion between MTPModel and other checkpoint formats.
 
 - `mtp.interop.meta`: Meta's multi-token prediction release (params.json + consolidated.pth).
-- `mtp.interop.hf`: Hugging Face Llama / Mistral / Qwen2 causal LMs (import and export).
+- `mtp.interop.hf`: Hugging Face Llama / Mistral / Qwen2 / GPT-2 causal LMs (import; export as Llama).
 - `mtp.interop.gguf`: Llama-family .gguf files (import, dequantised through transformers).
 
 Optional dependencies (transformers, sentencepiece) are imported only when a converter runs.

@@ -1,11 +1,14 @@
-"""Hugging Face Llama-family models <-> MTPModel.
+"""Hugging Face Llama-family models and GPT-2 <-> MTPModel.
 
 Import: the first L-1 decoder layers become the trunk, the last one head 1, and heads 2..n are
 copies of it (init="copy") or freshly initialised (init="random"), unless the directory carries
 heads saved by `export_hf(all_heads=True)`. Hugging Face Llama already uses the half-rotation
-RoPE convention, so no permutation is needed. Export writes trunk + head 1 as a plain
-LlamaForCausalLM (Qwen2ForCausalLM when the model has q/k/v biases) that transformers loads;
-with all_heads=True the other heads go to mtp_heads.safetensors + mtp_config.json beside it.
+RoPE convention, so no permutation is needed. GPT-2 becomes a GPT-2-style MTPModel (LayerNorm,
+GELU MLP, learned positions, biases; see mtp.model): its Conv1D weights are stored [in, out], so
+they are transposed, and the fused c_attn is split into q, k, v. Export writes trunk + head 1 as
+a plain LlamaForCausalLM (Qwen2ForCausalLM when the model has q/k/v biases) that transformers
+loads; with all_heads=True the other heads go to mtp_heads.safetensors + mtp_config.json beside
+it. GPT-2-style models are not exported.
 
 transformers is imported inside the functions only (optional dependency: `mtp[hf]`).
 """
@@ -26,7 +29,9 @@ from torch import Tensor
 from ..model import ConfigError, ModelConfig, MTPModel
 from ._common import InteropError, assign_state, check_vocab, make_config, random_block, read_json, require_dir
 
-SUPPORTED = ("llama", "mistral", "qwen2")
+SUPPORTED = ("llama", "mistral", "qwen2")  # the Llama family (also what GGUF import accepts)
+GPT2 = "gpt2"
+GPT2_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")  # both the tanh-approximate GELU
 CONFIG = "config.json"
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 MTP_CONFIG = "mtp_config.json"
@@ -54,6 +59,25 @@ _TOP_NAMES = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight
               "output.weight": "lm_head.weight"}
 _HF_TOP_NAMES = {v: k for k, v in _TOP_NAMES.items()}
 _HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+
+# GPT-2: our block names -> GPT-2 block names (q, k and v all come from the fused c_attn).
+_GPT2_BLOCK_NAMES = {
+    "attention_norm.weight": "ln_1.weight", "attention_norm.bias": "ln_1.bias",
+    "attention.wq.weight": "attn.c_attn.weight", "attention.wk.weight": "attn.c_attn.weight",
+    "attention.wv.weight": "attn.c_attn.weight", "attention.wq.bias": "attn.c_attn.bias",
+    "attention.wk.bias": "attn.c_attn.bias", "attention.wv.bias": "attn.c_attn.bias",
+    "attention.wo.weight": "attn.c_proj.weight", "attention.wo.bias": "attn.c_proj.bias",
+    "ffn_norm.weight": "ln_2.weight", "ffn_norm.bias": "ln_2.bias",
+    "feed_forward.w1.weight": "mlp.c_fc.weight", "feed_forward.w1.bias": "mlp.c_fc.bias",
+    "feed_forward.w2.weight": "mlp.c_proj.weight", "feed_forward.w2.bias": "mlp.c_proj.bias",
+}
+_GPT2_TOP_NAMES = {"tok_embeddings.weight": "transformer.wte.weight",
+                   "tok_embeddings.pos_weight": "transformer.wpe.weight",
+                   "norm.weight": "transformer.ln_f.weight", "norm.bias": "transformer.ln_f.bias",
+                   "output.weight": "lm_head.weight"}
+_GPT2_OURS = {v: k for k, v in _GPT2_BLOCK_NAMES.items() if "c_attn" not in v}
+_GPT2_LAYER = re.compile(r"^transformer\.h\.(\d+)\.(.+)$")
+_GPT2_BUFFERS = re.compile(r"(^|\.)attn\.(masked_)?bias$")  # causal-mask buffers of older checkpoints
 _OURS_BLOCK = re.compile(r"^(trunk_layers|heads)\.(\d+)\.(.+)$")
 
 
@@ -110,6 +134,17 @@ def _hf_name(ours: str, n_trunk: int) -> str:
     return ours
 
 
+def _gpt2_name(ours: str, n_trunk: int) -> str:
+    """GPT-2 name of one of our trunk / head-1 parameters, for error messages."""
+    if ours in _GPT2_TOP_NAMES:
+        return _GPT2_TOP_NAMES[ours]
+    m = _OURS_BLOCK.match(ours)
+    if m and not (m[1] == "heads" and int(m[2]) > 0):
+        layer = int(m[2]) if m[1] == "trunk_layers" else n_trunk + int(m[2])
+        return f"transformer.h.{layer}.{_GPT2_BLOCK_NAMES.get(m[3], m[3])}"
+    return ours
+
+
 # ----- import --------------------------------------------------------------------------------------
 
 def _check_architecture(directory: Path) -> dict[str, Any]:
@@ -119,11 +154,9 @@ def _check_architecture(directory: Path) -> dict[str, Any]:
         raise InteropError(f"{path} is missing: not a Hugging Face model directory")
     raw = read_json(path)
     model_type = raw.get("model_type")
-    if model_type == "gpt2":
-        raise InteropError(f"{path}: model_type 'gpt2' is not supported (learned absolute positions, LayerNorm, "
-                           "GELU MLP and tied embeddings are not MTPModel's architecture); use a Llama-family model")
-    if model_type not in SUPPORTED:
-        raise InteropError(f"{path}: model_type {model_type!r} is not supported (supported: {', '.join(SUPPORTED)})")
+    if model_type not in (*SUPPORTED, GPT2):
+        raise InteropError(f"{path}: model_type {model_type!r} is not supported "
+                           f"(supported: {', '.join((*SUPPORTED, GPT2))})")
     if not any((directory / f).is_file() for f in WEIGHT_FILES):
         raise InteropError(f"{directory}: no weights ({' or '.join(WEIGHT_FILES[::2])}) next to {CONFIG}")
     return raw
@@ -141,6 +174,8 @@ def _rope_theta(config: Any, path: Path) -> float:
 
 def _hf_fields(config: Any, model_type: str, path: Path) -> dict[str, Any]:
     """ModelConfig fields (except the layer/head counts) from a transformers config."""
+    if model_type == GPT2:
+        return _gpt2_fields(config, path)
     dim, n_heads = config.hidden_size, config.num_attention_heads
     if getattr(config, "hidden_act", "silu") != "silu":
         raise InteropError(f"{path}: hidden_act {config.hidden_act!r} is not supported (only silu)")
@@ -163,6 +198,72 @@ def _hf_fields(config: Any, model_type: str, path: Path) -> dict[str, Any]:
         vocab_size=config.vocab_size, hidden_dim=config.intermediate_size, norm_eps=float(config.rms_norm_eps),
         rope_theta=_rope_theta(config, path), max_seq_len=max_len, attn_bias=model_type == "qwen2",
     )
+
+
+def _gpt2_fields(config: Any, path: Path) -> dict[str, Any]:
+    """ModelConfig fields (except the layer/head counts) from a transformers GPT2Config."""
+    act = config.activation_function
+    if act not in GPT2_ACTIVATIONS:
+        raise InteropError(f"{path}: activation_function {act!r} is not supported (only gelu_new, the tanh GELU)")
+    if not getattr(config, "scale_attn_weights", True):
+        raise InteropError(f"{path}: scale_attn_weights=false (unscaled attention) is not supported")
+    if getattr(config, "scale_attn_by_inverse_layer_idx", False):
+        raise InteropError(f"{path}: scale_attn_by_inverse_layer_idx=true is not supported")
+    if getattr(config, "add_cross_attention", False):
+        raise InteropError(f"{path}: add_cross_attention=true is not supported (decoder-only models only)")
+    dim, n_heads = int(config.n_embd), int(config.n_head)
+    if dim % n_heads:
+        raise InteropError(f"{path}: n_embd={dim} is not divisible by n_head={n_heads}")
+    return dict(
+        dim=dim, n_heads=n_heads, n_kv_heads=n_heads, vocab_size=int(config.vocab_size),
+        hidden_dim=int(config.n_inner) if config.n_inner is not None else 4 * dim,
+        norm_eps=float(config.layer_norm_epsilon), max_seq_len=int(config.n_positions),
+        norm="layer", mlp="gelu", pos_emb="learned", bias=True,
+        rope_theta=10000.0, attn_bias=False,  # unused / covered by bias; compared with saved heads
+    )
+
+
+def _llama_state(hf_state: dict[str, Tensor], n_trunk: int) -> dict[str, Tensor]:
+    """Our state dict (trunk, head 1 and the top-level tensors) from a Llama-family model's."""
+    state: dict[str, Tensor] = {}
+    for name, t in hf_state.items():
+        m = _HF_LAYER.match(name)
+        if m:
+            i, rest = int(m[1]), m[2]
+            ours = _HF_BLOCK_NAMES.get(rest, rest)
+            state[f"trunk_layers.{i}.{ours}" if i < n_trunk else f"heads.{i - n_trunk}.{ours}"] = t
+        elif name in _HF_TOP_NAMES:
+            state[_HF_TOP_NAMES[name]] = t
+        elif not name.endswith("rotary_emb.inv_freq"):
+            state[name] = t  # unexpected: reported by assign_state
+    return state
+
+
+def _gpt2_state(hf_state: dict[str, Tensor], n_trunk: int) -> dict[str, Tensor]:
+    """Our state dict (trunk, head 1 and the top-level tensors) from a GPT2LMHeadModel's."""
+    ours_of = {v: k for k, v in _GPT2_TOP_NAMES.items()}
+    state: dict[str, Tensor] = {}
+    for name, t in hf_state.items():
+        m = _GPT2_LAYER.match(name)
+        if m is None:
+            state[ours_of.get(name, name)] = t  # unknown names: reported by assign_state
+            continue
+        i, rest = int(m[1]), m[2]
+        if _GPT2_BUFFERS.search(rest):
+            continue
+        prefix = f"trunk_layers.{i}." if i < n_trunk else f"heads.{i - n_trunk}."
+        if rest in ("attn.c_attn.weight", "attn.c_attn.bias"):
+            # Conv1D stores [in, out]: transpose, then split the fused output rows into q, k, v.
+            fused = t.t() if t.dim() == 2 else t
+            kind = rest.rsplit(".", 1)[1]
+            for part, chunk in zip(("wq", "wk", "wv"), fused.chunk(3, dim=0)):
+                state[f"{prefix}attention.{part}.{kind}"] = chunk.contiguous()
+            continue
+        ours = _GPT2_OURS.get(rest, rest)
+        # The other Conv1D weights ([in, out]) become nn.Linear weights ([out, in]).
+        is_conv = rest in ("attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+        state[prefix + ours] = t.t().contiguous() if is_conv else t
+    return state
 
 
 def _saved_heads(directory: Path) -> tuple[ModelConfig, dict[str, Tensor]] | None:
@@ -273,7 +374,8 @@ def import_hf(directory: str | Path, n_future: int | None = None, init: str = "c
         raise InteropError(f"{directory}: weight {key} has shape {tuple(ckpt_shape)}, "
                            f"{CONFIG} implies {tuple(model_shape)}")
     missing = sorted(k for k in info.get("missing_keys") or [] if not (tied and k == "lm_head.weight"))
-    unexpected = sorted(k for k in info.get("unexpected_keys") or [] if "rotary_emb" not in k)
+    unexpected = sorted(k for k in info.get("unexpected_keys") or []
+                        if "rotary_emb" not in k and not _GPT2_BUFFERS.search(k))
     if missing or unexpected:
         what = f"is missing weight {missing[0]}" if missing else f"has weight {unexpected[0]} that {CONFIG} does not"
         raise InteropError(f"{directory} {what} (field num_hidden_layers or architecture mismatch)")
@@ -285,13 +387,15 @@ def import_hf(directory: str | Path, n_future: int | None = None, init: str = "c
 def convert_hf_model(hf_model: Any, tokenizer: Any | None, n_future: int, init: str = "copy", *,
                      source: Path, fields: dict[str, Any] | None = None,
                      saved: tuple[ModelConfig, dict[str, Tensor]] | None = None) -> tuple[MTPModel, Any | None]:
-    """(MTPModel, tokenizer) from an already loaded Llama-family transformers model (import_hf's
-    weight mapping; also used by the GGUF import). `source` names the origin in error messages."""
+    """(MTPModel, tokenizer) from an already loaded Llama-family or GPT-2 transformers model
+    (import_hf's weight mapping; also used by the GGUF import). `source` names the origin in
+    error messages."""
     config = hf_model.config
+    gpt2 = config.model_type == GPT2
     if fields is None:
-        if config.model_type not in SUPPORTED:
+        if config.model_type not in (*SUPPORTED, GPT2):
             raise InteropError(f"{source}: model_type {config.model_type!r} is not supported "
-                               f"(supported: {', '.join(SUPPORTED)})")
+                               f"(supported: {', '.join((*SUPPORTED, GPT2))})")
         fields = _hf_fields(config, config.model_type, source)
     if n_future < 1:
         raise InteropError(f"n_future must be >= 1, got {n_future}")
@@ -302,17 +406,7 @@ def convert_hf_model(hf_model: Any, tokenizer: Any | None, n_future: int, init: 
     tied = bool(getattr(config, "tie_word_embeddings", False))
     config_path = source / CONFIG if source.is_dir() else source
     hf_state = hf_model.state_dict()
-    state: dict[str, Tensor] = {}
-    for name, t in hf_state.items():
-        m = _HF_LAYER.match(name)
-        if m:
-            i, rest = int(m[1]), m[2]
-            ours = _HF_BLOCK_NAMES.get(rest, rest)
-            state[f"trunk_layers.{i}.{ours}" if i < n_trunk else f"heads.{i - n_trunk}.{ours}"] = t
-        elif name in _HF_TOP_NAMES:
-            state[_HF_TOP_NAMES[name]] = t
-        elif not name.endswith("rotary_emb.inv_freq"):
-            state[name] = t  # unexpected: reported by assign_state
+    state = _gpt2_state(hf_state, n_trunk) if gpt2 else _llama_state(hf_state, n_trunk)
     if tied or state.get("output.weight") is None or (
             state["output.weight"].data_ptr() == state["tok_embeddings.weight"].data_ptr()):
         state["output.weight"] = state["tok_embeddings.weight"].clone()  # MTPModel's unembedding is untied
@@ -336,7 +430,8 @@ def convert_hf_model(hf_model: Any, tokenizer: Any | None, n_future: int, init: 
         state.update({prefix + k: v for k, v in block.items()})
 
     check_vocab(tokenizer, cfg.vocab_size, source)
-    return assign_state(cfg, state, source, lambda k: _hf_name(k, n_trunk), config_name=CONFIG), tokenizer
+    rename = _gpt2_name if gpt2 else _hf_name
+    return assign_state(cfg, state, source, lambda k: rename(k, n_trunk), config_name=CONFIG), tokenizer
 
 
 def _check_saved_matches(saved: ModelConfig, fields: dict[str, Any], n_trunk: int, path: Path) -> None:
@@ -361,6 +456,9 @@ def export_hf(model: MTPModel, tokenizer: Any | None, directory: str | Path, all
     if cfg.head_type in ("linear", "anticausal"):
         raise InteropError(f"head_type={cfg.head_type!r}: head 1 is not one decoder layer on the trunk, so the "
                            "model has no Hugging Face equivalent")
+    if cfg.non_llama():
+        raise InteropError(f"Hugging Face export writes Llama/Qwen2 models, which cannot represent this "
+                           f"GPT-2-style model ({cfg.non_llama()})")
     _require_transformers()
     from transformers import LlamaConfig, Qwen2Config
 

@@ -334,6 +334,8 @@ def save_meta(model: MTPModel, directory: str | Path, tokenizer: Any | None = No
         raise InteropError(f"the Meta format has parallel transformer heads only; this model has head_type={cfg.head_type!r}")
     if cfg.attn_bias:
         raise InteropError("the Meta format has no attention biases; this model has attn_bias=True")
+    if cfg.non_llama():
+        raise InteropError(f"the Meta format is Llama-style only; this GPT-2-style model has {cfg.non_llama()}")
     multiple_of, mult = _meta_ffn_fields(cfg)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
