@@ -173,3 +173,23 @@ def test_evaluate_agreement_matches_manual_count(corpus, tmp_path):
     for i in range(3):
         manual = (g[:, : 16 - i, i] == g[:, i:, 0]).float().mean().item()
         assert res["agree"][i] == pytest.approx(manual)
+
+
+def test_cli_generate_streams_and_speculation_matches(corpus, tmp_path, capsys):
+    train(cfg(corpus, tmp_path / "run", steps=4, n_future=3))
+    model, tok = load_model(tmp_path / "run")
+    prompt = "def f(x):\n    return "
+    from mtp.generate import generate
+
+    want = prompt + tok.decode(generate(model, [tok.encode(prompt)], 12).tokens[0]) + "\n"
+    capsys.readouterr()  # the training log
+    for extra in ([], ["--speculative", "2"], ["--speculative", "tree"]):
+        assert main(["generate", "--checkpoint", str(tmp_path / "run"), "--prompt", prompt, "--no-stop",
+                     "--max-new-tokens", "12", *extra]) == 0
+        assert capsys.readouterr().out == want, extra
+    assert main(["generate", "--checkpoint", str(tmp_path / "run"), "--prompt", prompt, "--speculative", "x"]) == 2
+    assert "--speculative takes" in capsys.readouterr().err
+    assert main(["bench", "decode", "--checkpoint", str(tmp_path / "run"), "--prompt", prompt, "--max-new-tokens", "6",
+                 "--modes", "spec1", "--dtype", "bf16"]) == 0
+    table = capsys.readouterr().out
+    assert "greedy" in table and "spec1" in table

@@ -183,6 +183,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     device = pick_device(args.device)
     model, tok = load_model(args.checkpoint, device=device)
+    model = _to_dtype(model, args.dtype)
     if tok is None:
         raise ValueError(f"{args.checkpoint} has no tokenizer.json; cannot encode text prompts")
     prompts = _read_prompts(args)
@@ -190,20 +191,56 @@ def cmd_generate(args: argparse.Namespace) -> None:
         raise ValueError("give a --prompt or a --batch file of prompts")
     ids = [tok.encode(p) for p in prompts]
     stop = () if args.no_stop else (tok.eos_id,)
+    stream = TextStream(tok, prompts[0]) if len(prompts) == 1 else None  # one prompt: print as tokens arrive
     spec = args.speculative
     if spec is None:
         res = generate(model, ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                       top_p=args.top_p, seed=args.seed, stop_tokens=stop)
+                       top_p=args.top_p, seed=args.seed, stop_tokens=stop, on_tokens=stream)
     elif spec == "tree":
-        res = tree_generate(model, ids, args.max_new_tokens, stop_tokens=stop)
+        res = tree_generate(model, ids, args.max_new_tokens, stop_tokens=stop, on_tokens=stream)
     else:
+        if not spec.isdigit():
+            raise ValueError(f"--speculative takes a number of drafts k or 'tree', got {spec!r}")
         res = speculative_generate(model, ids, args.max_new_tokens, k=int(spec), temperature=args.temperature,
-                                   seed=args.seed, stop_tokens=stop)
-    for prompt, out in zip(prompts, res.tokens):
-        print(prompt + tok.decode(out))
-        if len(prompts) > 1:
+                                   top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_tokens=stop,
+                                   on_tokens=stream)
+    if stream is not None:
+        stream.finish()
+    else:
+        for prompt, out in zip(prompts, res.tokens):
+            print(prompt + tok.decode(out))
             print("-" * 40)
     print(f"[{sum(len(t) for t in res.tokens)} tokens in {res.forwards} forwards]", file=sys.stderr)
+
+
+class TextStream:
+    """on_tokens callback for one prompt: prints the prompt, then text as tokens are committed.
+    Decodes the whole output each time (a token may complete a character begun by the previous
+    one) and holds back a trailing partial UTF-8 sequence."""
+
+    def __init__(self, tok: Any, prompt: str) -> None:
+        self.tok, self.ids, self.shown = tok, [], ""
+        print(prompt, end="", flush=True)
+
+    def __call__(self, new: list[list[int]]) -> None:
+        self.ids += new[0]
+        text = self.tok.decode(self.ids).rstrip("\ufffd")
+        if len(text) > len(self.shown) and text.startswith(self.shown):
+            print(text[len(self.shown):], end="", flush=True)
+            self.shown = text
+
+    def finish(self) -> None:
+        text = self.tok.decode(self.ids)
+        print(text[len(self.shown):] if text.startswith(self.shown) else "", flush=True)
+
+
+DTYPES = ("fp32", "bf16")
+
+
+def _to_dtype(model: Any, name: str) -> Any:
+    import torch
+
+    return model.to({"fp32": torch.float32, "bf16": torch.bfloat16}[name])
 
 
 def cmd_bench_decode(args: argparse.Namespace) -> None:
@@ -213,6 +250,7 @@ def cmd_bench_decode(args: argparse.Namespace) -> None:
 
     device = pick_device(args.device)
     model, tok = load_model(args.checkpoint, device=device)
+    model = _to_dtype(model, args.dtype)
     if tok is None:
         raise ValueError(f"{args.checkpoint} has no tokenizer.json; cannot encode prompts")
     prompts = _read_prompts(args) or default_bench_prompts()
@@ -327,6 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     pg.add_argument("--seed", type=int, default=None)
     pg.add_argument("--no-stop", action="store_true", help="do not stop at end-of-text")
     pg.add_argument("--device", default="auto")
+    pg.add_argument("--dtype", default="fp32", choices=DTYPES, help="weights and cache dtype for decoding")
     pg.set_defaults(func=cmd_generate)
 
     pb = sub.add_parser("bench", help="benchmarks")
@@ -339,6 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     pbd.add_argument("--max-new-tokens", type=int, default=128)
     pbd.add_argument("--modes", nargs="+", default=None, help="e.g. greedy spec1 spec2 spec3 tree")
     pbd.add_argument("--device", default="auto")
+    pbd.add_argument("--dtype", default="fp32", choices=DTYPES, help="weights and cache dtype for decoding")
     pbd.set_defaults(func=cmd_bench_decode)
 
     pxp = sub.add_parser("experiment", help="run one of the paper's small-scale studies")
