@@ -171,3 +171,16 @@ def test_registry_errors():
         run_experiment("nope", quick=True)
     with pytest.raises(ValueError):
         run_experiment("induction", scale="huge")
+
+
+def test_cli_set_overrides_settings(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(polynomial, "settings", tiny(polynomial, model="tiny", steps=6, train_problems=300, test_per_k=4,
+                                                     n_values=(1, 2)))
+    out = tmp_path / "poly"
+    assert main(["experiment", "polynomial", "--quick", "--out", str(out), "--seeds", "0", "--threads", "1",
+                 "--set", "n_values=[2]", "--set", "lr=0.01"]) == 0
+    res = check_outputs(out, "polynomial.png")
+    assert {r["n"] for r in res["runs"]} == {2}
+    assert res["settings"]["lr"] == 0.01 and "--set 'lr=0.01'" in (out / "results.md").read_text()
+    assert main(["experiment", "polynomial", "--quick", "--out", str(out), "--set", "lr_typo=1"]) == 2
+    assert "unknown experiment setting(s) lr_typo" in capsys.readouterr().err

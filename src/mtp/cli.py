@@ -140,7 +140,14 @@ def cmd_experiment(args: argparse.Namespace) -> None:
     from .experiments import run_experiment
 
     scale = "quick" if args.quick else "medium" if args.medium else "default"
-    res = run_experiment(args.name, out_dir=args.out, seeds=args.seeds, scale=scale, threads=args.threads)
+    overrides = {}
+    for pair in args.set or []:
+        if "=" not in pair:
+            raise ValueError(f"--set expects KEY=VALUE, got {pair!r}")
+        k, v = pair.split("=", 1)
+        overrides[k.strip()] = _parse_value(v)
+    res = run_experiment(args.name, out_dir=args.out, seeds=args.seeds, scale=scale, threads=args.threads,
+                         overrides=overrides)
     out = Path(res["out_dir"])
     print((out / "results.md").read_text())
     print(f"[{res['seconds'] / 60:.1f} min; results.json, results.md and plots in {out}]")
@@ -389,6 +396,9 @@ def build_parser() -> argparse.ArgumentParser:
     pxp.add_argument("--out", default=None, help="output directory (default: runs/experiments/NAME-SCALE)")
     pxp.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds (default: the scale's)")
     pxp.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    pxp.add_argument("--set", action="append", metavar="KEY=VALUE",
+                     help="replace a setting of the scale, repeatable (YAML values, e.g. --set lr=1e-3 "
+                          "--set n_values=[1,2])")
     pxp.set_defaults(func=cmd_experiment)
 
     ps = sub.add_parser("presets", help="list the named model sizes")

@@ -7,9 +7,11 @@ quick (plumbing only, about a minute), medium (a reduced run), default (about an
 from __future__ import annotations
 
 import importlib
+import json
+import re
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 EXPERIMENTS = {
     "induction": "induction",  # paper 4.1
@@ -21,12 +23,14 @@ EXPERIMENTS = {
 
 def run_experiment(name: str, quick: bool = False, out_dir: str | Path | None = None,
                    seeds: Sequence[int] | None = None, scale: str | None = None,
-                   threads: int | None = None, command: str | None = None) -> dict[str, Any]:
+                   threads: int | None = None, command: str | None = None,
+                   overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Run experiment `name` (see EXPERIMENTS) and return its results (also written to out_dir).
 
-    quick=True is scale="quick"; seeds default to the scale's; out_dir defaults to
-    runs/experiments/<name>-<scale>. Re-running into the same out_dir reuses finished runs. The
-    returned dict also holds "out_dir"."""
+    quick=True is scale="quick"; seeds default to the scale's; `overrides` replace fields of the
+    scale's settings (e.g. {"lr": 1e-3, "steps": 2000}); out_dir defaults to
+    runs/experiments/<name>-<scale>[-<overrides>]. Re-running into the same out_dir reuses
+    finished runs. The returned dict also holds "out_dir"."""
     from . import common
 
     key = name.replace("_", "-")
@@ -35,7 +39,10 @@ def run_experiment(name: str, quick: bool = False, out_dir: str | Path | None = 
     scale = common.check_scale(scale or ("quick" if quick else "default"))
     if quick and scale != "quick":
         raise ValueError("quick=True conflicts with scale=" + scale)
-    out = Path(out_dir) if out_dir is not None else Path("runs") / "experiments" / f"{key}-{scale}"
+    overrides = dict(overrides or {})
+    suffix = "".join(f"-{k}{v}" for k, v in sorted(overrides.items()) if not isinstance(v, (dict, list, tuple)))
+    suffix = re.sub(r"[^A-Za-z0-9_.+-]", "", suffix) + ("-custom" if len(overrides) > suffix.count("-") else "")
+    out = Path(out_dir) if out_dir is not None else Path("runs") / "experiments" / f"{key}-{scale}{suffix}"
     out.mkdir(parents=True, exist_ok=True)
     common.set_threads(threads)
     module = importlib.import_module(f".{EXPERIMENTS[key]}", __name__)
@@ -45,8 +52,10 @@ def run_experiment(name: str, quick: bool = False, out_dir: str | Path | None = 
             command += " --seeds " + " ".join(map(str, seeds))
         if threads:
             command += f" --threads {threads}"
+        for k, v in overrides.items():
+            command += f" --set '{k}={json.dumps(v) if not isinstance(v, str) else v}'"
     t0 = time.perf_counter()
-    results = module.run(out, scale, seeds, command=command)
+    results = module.run(out, scale, seeds, command=command, overrides=overrides)
     results.setdefault("seconds", time.perf_counter() - t0)
     results["out_dir"] = str(out)
     return results

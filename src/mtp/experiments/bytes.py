@@ -61,7 +61,8 @@ def decode_prompts(data_dir: Path, count: int, length: int) -> list[list[int]]:
 
 
 def run(out_dir: Path, scale: str = "default", seeds: Sequence[int] | None = None,
-        command: str = "mtp experiment bytes", tokenizer: str = "byte") -> dict[str, Any]:
+        command: str = "mtp experiment bytes", tokenizer: str = "byte",
+        overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     from ..checkpoint import load_model
     from ..data import prepare
     from ..evaluate.metrics import evaluate_prepared
@@ -69,7 +70,7 @@ def run(out_dir: Path, scale: str = "default", seeds: Sequence[int] | None = Non
     from ..train import TrainConfig
 
     t_start = time.perf_counter()
-    st = settings(common.check_scale(scale), tokenizer)
+    st = common.override(settings(common.check_scale(scale), tokenizer), overrides)
     seeds = tuple(seeds) if seeds else st.seeds
     data_dir = out_dir / "data"
     if not (data_dir / "meta.json").exists():

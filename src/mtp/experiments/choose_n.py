@@ -14,5 +14,5 @@ def settings(scale: str) -> byte_exp.Settings:
 
 
 def run(out_dir: Path, scale: str = "default", seeds: Sequence[int] | None = None,
-        command: str = "mtp experiment choose-n") -> dict[str, Any]:
-    return byte_exp.run(out_dir, scale, seeds, command=command, tokenizer="bpe")
+        command: str = "mtp experiment choose-n", overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    return byte_exp.run(out_dir, scale, seeds, command=command, tokenizer="bpe", overrides=overrides)

@@ -30,6 +30,19 @@ def check_scale(scale: str) -> str:
     return scale
 
 
+def override(settings: Any, overrides: Mapping[str, Any] | None) -> Any:
+    """The settings dataclass with fields replaced; lists become tuples where the field is one."""
+    if not overrides:
+        return settings
+    fields = {f.name for f in dataclasses.fields(settings)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(f"unknown experiment setting(s) {', '.join(unknown)}; known: {', '.join(sorted(fields))}")
+    values = {k: tuple(v) if isinstance(getattr(settings, k), tuple) and isinstance(v, list) else v
+              for k, v in overrides.items()}
+    return dataclasses.replace(settings, **values)
+
+
 # ----- data ---------------------------------------------------------------------------------------
 def word_tokenizer(words: Sequence[str]) -> Tokenizer:
     """A word-level tokenizer (split on whitespace, one id per word) for synthetic tasks, so that

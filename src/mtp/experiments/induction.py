@@ -157,11 +157,11 @@ def name_accuracy(model: Any, stories: Sequence[tuple[list[int], list[int]]], ba
 
 
 def run(out_dir: Path, scale: str = "default", seeds: Sequence[int] | None = None,
-        command: str = "mtp experiment induction") -> dict[str, Any]:
+        command: str = "mtp experiment induction", overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     from ..train import TrainConfig
 
     t_start = time.perf_counter()
-    st = settings(common.check_scale(scale))
+    st = common.override(settings(common.check_scale(scale)), overrides)
     seeds = tuple(seeds) if seeds else st.seeds
     tok = common.word_tokenizer(vocabulary())
     # Data: one story set for every run (seed 1234), a disjoint evaluation set (seed 4321).

@@ -143,11 +143,11 @@ def score(model: Any, tok: Any, problems: Sequence[tuple[str, str]], batch: int)
 
 
 def run(out_dir: Path, scale: str = "default", seeds: Sequence[int] | None = None,
-        command: str = "mtp experiment polynomial") -> dict[str, Any]:
+        command: str = "mtp experiment polynomial", overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     from ..train import TrainConfig
 
     t_start = time.perf_counter()
-    st = settings(common.check_scale(scale))
+    st = common.override(settings(common.check_scale(scale)), overrides)
     seeds = tuple(seeds) if seeds else st.seeds
     tok = common.word_tokenizer(vocabulary())
     rng = random.Random(1234)
