@@ -184,3 +184,12 @@ def test_cli_set_overrides_settings(tmp_path, monkeypatch, capsys):
     assert res["settings"]["lr"] == 0.01 and "--set 'lr=0.01'" in (out / "results.md").read_text()
     assert main(["experiment", "polynomial", "--quick", "--out", str(out), "--set", "lr_typo=1"]) == 2
     assert "unknown experiment setting(s) lr_typo" in capsys.readouterr().err
+
+
+def test_default_out_dir_differs_for_different_overrides(tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(polynomial, "run", lambda out, *a, **k: seen.append(out) or {})
+    for sizes in ({"a": {"dim": 8}}, {"b": {}}):
+        run_experiment("polynomial", scale="medium", overrides={"lr": 0.01, "sizes": sizes})
+    assert len(set(seen)) == 2 and all(p.name.startswith("polynomial-medium-lr0.01-sizes") for p in seen)

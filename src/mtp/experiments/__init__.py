@@ -6,6 +6,7 @@ quick (plumbing only, about a minute), medium (a reduced run), default (about an
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import re
@@ -40,8 +41,11 @@ def run_experiment(name: str, quick: bool = False, out_dir: str | Path | None = 
     if quick and scale != "quick":
         raise ValueError("quick=True conflicts with scale=" + scale)
     overrides = dict(overrides or {})
-    suffix = "".join(f"-{k}{v}" for k, v in sorted(overrides.items()) if not isinstance(v, (dict, list, tuple)))
-    suffix = re.sub(r"[^A-Za-z0-9_.+-]", "", suffix) + ("-custom" if len(overrides) > suffix.count("-") else "")
+    # Scalars spelled out (lr0.001), structured values by a short hash: different settings never share a directory.
+    suffix = "".join(f"-{k}{v}" if not isinstance(v, (dict, list, tuple)) else
+                     f"-{k}{hashlib.sha1(json.dumps(v, sort_keys=True).encode()).hexdigest()[:6]}"
+                     for k, v in sorted(overrides.items()))
+    suffix = re.sub(r"[^A-Za-z0-9_.+-]", "", suffix)
     out = Path(out_dir) if out_dir is not None else Path("runs") / "experiments" / f"{key}-{scale}{suffix}"
     out.mkdir(parents=True, exist_ok=True)
     common.set_threads(threads)
