@@ -46,13 +46,10 @@ def _grads(model):
     return {k: p.grad.detach().clone() for k, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("head_type", ["parallel", "linear", "causal", "anticausal"])
-@pytest.mark.parametrize("chunk", [None, 5, 1000])
-def test_memory_efficient_gradients_equal_reference(head_type, chunk):
-    torch.manual_seed(0)
-    cfg = ModelConfig.from_preset("tiny", n_future=3, head_type=head_type, vocab_size=37)
-    model = MTPModel(cfg).double()
-    tokens = torch.randint(0, 37, (2, 14))
+def check_backward_equals_reference(model: MTPModel, chunk: int | None) -> dict[str, torch.Tensor]:
+    """mtp_backward (3 heads, weights, loss scale, 11 of 14 tokens as inputs) against backward of
+    the reference loss, in float64; returns the gradients."""
+    tokens = torch.randint(0, model.cfg.vocab_size, (2, 14))
     weights = [1.0, 0.7, 0.3]
     model.zero_grad()
     ref_loss, ref_heads = mtp_loss(model(tokens[:, :11]), tokens, weights)
@@ -66,6 +63,15 @@ def test_memory_efficient_gradients_equal_reference(head_type, chunk):
         torch.testing.assert_close(got[k], ref[k], rtol=1e-9, atol=1e-12, msg=k)
     torch.testing.assert_close(heads.double(), ref_heads.detach().double(), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(loss.double(), ref_loss.detach().double(), rtol=1e-6, atol=1e-6)
+    return got
+
+
+@pytest.mark.parametrize("head_type", ["parallel", "linear", "causal", "anticausal"])
+@pytest.mark.parametrize("chunk", [None, 5, 1000])
+def test_memory_efficient_gradients_equal_reference(head_type, chunk):
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_preset("tiny", n_future=3, head_type=head_type, vocab_size=37)
+    check_backward_equals_reference(MTPModel(cfg).double(), chunk)
 
 
 def test_memory_efficient_with_ignored_tail_positions():
