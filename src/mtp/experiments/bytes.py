@@ -77,7 +77,10 @@ def run(out_dir: Path, scale: str = "default", seeds: Sequence[int] | None = Non
         prepare(None, data_dir, tokenizer=st.tokenizer, vocab_size=st.vocab_size, max_bytes=st.max_bytes)
     prompts = decode_prompts(data_dir, st.prompts, st.prompt_len)
     unit = "bytes" if st.tokenizer == "byte" else "tokens"
+    if not st.n_values:
+        raise ValueError("n_values is empty: nothing to train")
     runs: list[dict[str, Any]] = []
+    results: dict[str, Any] = {}
     for n in st.n_values:
         for seed in seeds:
             run_dir = out_dir / "runs" / f"n{n}-s{seed}"
@@ -101,8 +104,15 @@ def run(out_dir: Path, scale: str = "default", seeds: Sequence[int] | None = Non
             else:
                 row.update(tokens_per_forward=1.0, speedup=1.0)
             runs.append(row)
+            # Rewritten after every run, so a stopped experiment still leaves a table of what finished.
+            results = write(out_dir, runs, st, seeds, scale, command, unit, len(prompts), time.perf_counter() - t_start)
+    return results
+
+
+def write(out_dir: Path, runs: list[dict[str, Any]], st: Settings, seeds: Sequence[int], scale: str, command: str,
+          unit: str, n_prompts: int, seconds: float) -> dict[str, Any]:
     summary = []
-    for n in st.n_values:
+    for n in dict.fromkeys(r["n"] for r in runs):
         mine = [r for r in runs if r["n"] == n]
         row = {"n": n, "params": mine[0]["non_embedding_params"]}
         row["loss1"], row["loss1_sd"] = common.mean_std([r["val_loss"][0] for r in mine])
@@ -114,12 +124,12 @@ def run(out_dir: Path, scale: str = "default", seeds: Sequence[int] | None = Non
     name = "bytes" if st.tokenizer == "byte" else "choose_n"
     title = ("Byte-level models (paper 3.3)" if st.tokenizer == "byte" else "Choosing n on BPE code (paper 3.4)")
     results = {"experiment": name, "scale": scale, "settings": st, "seeds": list(seeds), "runs": runs,
-               "summary": summary, "seconds": time.perf_counter() - t_start}
+               "summary": summary, "seconds": seconds}
     plot(summary, unit, out_dir / f"{name}.png")
     md = common.header(title, command, st, seeds, results["seconds"])
     md += (f"\nNext-{unit[:-1]} validation loss (nats), per-head top-1 accuracy, and greedy self-speculative "
            f"decoding with all n-1 draft heads ({unit} per forward; wall-clock speedup over greedy, batch 1, "
-           f"{st.max_new_tokens} new {unit} from {len(prompts)} validation prompts).\n\n")
+           f"{st.max_new_tokens} new {unit} from {n_prompts} validation prompts).\n\n")
     md += common.markdown_table(summary, [("n", "n"), ("params", "non-embedding params"), ("loss1", "head-1 val loss"),
                                           ("acc1", "head-1 acc"), ("head_acc", "acc per head"),
                                           ("tpf", f"{unit}/forward"), ("speedup", "speedup")])
