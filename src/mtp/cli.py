@@ -372,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     pg.add_argument("--seed", type=int, default=None)
     pg.add_argument("--no-stop", action="store_true", help="do not stop at end-of-text")
     pg.add_argument("--device", default="auto")
-    pg.add_argument("--dtype", default="fp32", choices=DTYPES, help="weights and cache dtype for decoding")
+    pg.add_argument("--dtype", default="fp32", choices=DTYPES, help="weights and cache dtype for decoding (speculative = greedy exactly only in fp32)")
     pg.set_defaults(func=cmd_generate)
 
     pb = sub.add_parser("bench", help="benchmarks")
@@ -385,7 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     pbd.add_argument("--max-new-tokens", type=int, default=128)
     pbd.add_argument("--modes", nargs="+", default=None, help="e.g. greedy spec1 spec2 spec3 tree")
     pbd.add_argument("--device", default="auto")
-    pbd.add_argument("--dtype", default="fp32", choices=DTYPES, help="weights and cache dtype for decoding")
+    pbd.add_argument("--dtype", default="fp32", choices=DTYPES, help="weights and cache dtype for decoding (speculative = greedy exactly only in fp32)")
     pbd.set_defaults(func=cmd_bench_decode)
 
     pxp = sub.add_parser("experiment", help="run one of the paper's small-scale studies")
