@@ -193,3 +193,13 @@ def test_cli_generate_streams_and_speculation_matches(corpus, tmp_path, capsys):
                  "--modes", "spec1", "--dtype", "bf16"]) == 0
     table = capsys.readouterr().out
     assert "greedy" in table and "spec1" in table
+
+
+def test_cli_file_system_error_is_one_line(tmp_path, capsys):
+    blocker = tmp_path / "out"
+    blocker.write_text("a file where a directory should go")
+    src = tmp_path / "src.txt"
+    src.write_text("print('hello')\n" * 50)
+    assert main(["prepare", str(src), "--out", str(blocker), "--tokenizer", "byte"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("mtp prepare: error:") and str(blocker) in err[0]

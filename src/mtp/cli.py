@@ -429,8 +429,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, FloatingPointError, RuntimeError) as e:
-        # Our errors are ValueError subclasses with one-line messages; show them without a traceback.
+    except (ValueError, OSError, FloatingPointError, RuntimeError) as e:
+        # Our errors are ValueError subclasses with one-line messages; file-system errors (OSError)
+        # name their path. Show them without a traceback.
         if os.environ.get("MTP_DEBUG"):
             raise
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
