@@ -190,6 +190,6 @@ def test_default_out_dir_differs_for_different_overrides(tmp_path, monkeypatch):
     seen = []
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(polynomial, "run", lambda out, *a, **k: seen.append(out) or {})
-    for sizes in ({"a": {"dim": 8}}, {"b": {}}):
-        run_experiment("polynomial", scale="medium", overrides={"lr": 0.01, "sizes": sizes})
-    assert len(set(seen)) == 2 and all(p.name.startswith("polynomial-medium-lr0.01-sizes") for p in seen)
+    for ops in ([1, 2], [3]):  # a structured (list) setting; polynomial has no `sizes`
+        run_experiment("polynomial", scale="medium", overrides={"lr": 0.01, "test_ops": ops})
+    assert len(set(seen)) == 2 and all(p.name.startswith("polynomial-medium-lr0.01-test_ops") for p in seen)

@@ -18,6 +18,17 @@ def _parse_value(text: str) -> Any:
     return yaml.safe_load(text)
 
 
+def _parse_pairs(pairs: Sequence[str] | None, flag: str) -> dict[str, Any]:
+    """KEY=VALUE strings of a repeatable flag -> {key: YAML-parsed value}."""
+    out: dict[str, Any] = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise ValueError(f"{flag} expects KEY=VALUE, got {pair!r}")
+        k, v = pair.split("=", 1)
+        out[k.strip()] = _parse_value(v)
+    return out
+
+
 def _optional_int(text: str) -> int | None:
     return None if text.lower() in ("none", "null", "off", "0") else int(text)
 
@@ -66,13 +77,8 @@ def build_train_config(args: argparse.Namespace, defaults: dict[str, Any] | None
     for name in names - {"model"}:
         if hasattr(args, name):
             values[name] = getattr(args, name)
-    model: dict[str, Any] = dict(values.get("model") or {})
-    for pair in getattr(args, "model", None) or []:  # --model k=v pairs refine the YAML's model
-        if "=" not in pair:
-            raise ValueError(f"--model expects KEY=VALUE, got {pair!r}")
-        k, v = pair.split("=", 1)
-        model[k.strip()] = _parse_value(v)
-    values["model"] = model
+    # --model k=v pairs refine the YAML's model
+    values["model"] = {**(values.get("model") or {}), **_parse_pairs(getattr(args, "model", None), "--model")}
     unknown = set(values) - names
     if unknown:
         raise ValueError(f"unknown training option(s): {', '.join(sorted(unknown))}")
@@ -140,14 +146,8 @@ def cmd_experiment(args: argparse.Namespace) -> None:
     from .experiments import run_experiment
 
     scale = "quick" if args.quick else "medium" if args.medium else "default"
-    overrides = {}
-    for pair in args.set or []:
-        if "=" not in pair:
-            raise ValueError(f"--set expects KEY=VALUE, got {pair!r}")
-        k, v = pair.split("=", 1)
-        overrides[k.strip()] = _parse_value(v)
     res = run_experiment(args.name, out_dir=args.out, seeds=args.seeds, scale=scale, threads=args.threads,
-                         overrides=overrides)
+                         overrides=_parse_pairs(args.set, "--set"))
     out = Path(res["out_dir"])
     print((out / "results.md").read_text())
     print(f"[{res['seconds'] / 60:.1f} min; results.json, results.md and plots in {out}]")
@@ -372,7 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
     pg.add_argument("--seed", type=int, default=None)
     pg.add_argument("--no-stop", action="store_true", help="do not stop at end-of-text")
     pg.add_argument("--device", default="auto")
-    pg.add_argument("--dtype", default="fp32", choices=DTYPES, help="weights and cache dtype for decoding (speculative = greedy exactly only in fp32)")
+    pg.add_argument("--dtype", default="fp32", choices=DTYPES,
+                     help="weights and cache dtype for decoding (speculative = greedy exactly only in fp32)")
     pg.set_defaults(func=cmd_generate)
 
     pb = sub.add_parser("bench", help="benchmarks")
@@ -385,7 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
     pbd.add_argument("--max-new-tokens", type=int, default=128)
     pbd.add_argument("--modes", nargs="+", default=None, help="e.g. greedy spec1 spec2 spec3 tree")
     pbd.add_argument("--device", default="auto")
-    pbd.add_argument("--dtype", default="fp32", choices=DTYPES, help="weights and cache dtype for decoding (speculative = greedy exactly only in fp32)")
+    pbd.add_argument("--dtype", default="fp32", choices=DTYPES,
+                     help="weights and cache dtype for decoding (speculative = greedy exactly only in fp32)")
     pbd.set_defaults(func=cmd_bench_decode)
 
     pxp = sub.add_parser("experiment", help="run one of the paper's small-scale studies")

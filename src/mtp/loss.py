@@ -98,9 +98,8 @@ def chunked_ce_backward(model: MTPModel, hidden: Tensor, targets: Tensor, scale:
 
 
 @torch.no_grad()
-def greedy_labels(model: MTPModel, z: Tensor, rope: tuple[Tensor, Tensor], chunk_size: int | None) -> Tensor:
-    """Head 1's argmax at every position (B, T): the model's own greedy next tokens."""
-    h = model.heads[0](z, rope)
+def greedy_labels(model: MTPModel, h: Tensor, chunk_size: int | None) -> Tensor:
+    """Argmax (B, T) of head 1's output `h` (B, T, d): the model's own greedy next tokens."""
     flat = h.reshape(-1, h.shape[-1])
     step = flat.shape[0] if chunk_size is None else max(1, chunk_size)
     return torch.cat([model.unembed(flat[s : s + step]).argmax(-1) for s in range(0, flat.shape[0], step)]).view(
@@ -140,15 +139,15 @@ def mtp_backward(model: MTPModel, tokens: Tensor, weights: Sequence[float] | Non
     rope = model.rope(model.default_positions(inputs))
     z = model.trunk(inputs, rope)
     z_leaf = z.detach().requires_grad_(z.requires_grad)  # a frozen trunk needs no gradient
-    if self_distill:
-        if model.cfg.head_type == "anticausal":
-            raise ValueError("self-distillation needs head 1 to read the trunk output; anticausal heads do not")
-        targets = self_distill_targets(targets, greedy_labels(model, z.detach(), rope, chunk_size))
+    if self_distill and model.cfg.head_type == "anticausal":
+        raise ValueError("self-distillation needs head 1 to read the trunk output; anticausal heads do not")
     per_head = torch.zeros(n, device=tokens.device)
     # The last head whose cross-entropy runs (heads without targets skip it) is the unembedding's
     # last use in this call; data-parallel wrappers sync its gradients there.
     ce_order = list(range(n)) if model.cfg.head_type in ("parallel", "linear") else model.head_order()[::-1]
     has_targets = (targets != IGNORE).flatten(0, 1).any(0).tolist()
+    if self_distill:  # head index i >= 1 learns head 1's labels at t < T - i: some exist when T > i
+        has_targets[1:] = [T > i for i in range(1, n)]
     final_head = next((i for i in reversed(ce_order) if has_targets[i]), -1)
 
     def head_loss(i: int, out: Tensor) -> Tensor:
@@ -163,6 +162,8 @@ def mtp_backward(model: MTPModel, tokens: Tensor, weights: Sequence[float] | Non
         # Heads are independent: forward + backward one at a time.
         for i in range(n):
             out = model.heads[i](z_leaf, rope)
+            if i == 0 and self_distill:  # labels from head 1's output, before heads 2..n need them
+                targets = self_distill_targets(targets, greedy_labels(model, out.detach(), chunk_size))
             grad = head_loss(i, out)
             if out.requires_grad:
                 out.backward(grad)
@@ -179,6 +180,8 @@ def mtp_backward(model: MTPModel, tokens: Tensor, weights: Sequence[float] | Non
             x = z_leaf if parent < 0 else outs[parent].detach().requires_grad_(outs[parent].requires_grad)
             inputs_of[i] = x
             outs[i] = model.heads[i](x, rope)
+        if self_distill:
+            targets = self_distill_targets(targets, greedy_labels(model, outs[0].detach(), chunk_size))
         for i in reversed(order):
             grad = head_loss(i, outs[i])
             child = [c for c in order if model.head_parent(c) == i]

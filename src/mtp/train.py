@@ -192,15 +192,14 @@ def evaluate(model: MTPModel | distributed.ParallelMTP, data: TokenData, batch_s
             logits = model(part[:, :seq_len])
         if not counted:
             continue
+        greedy = logits.argmax(-1)  # (B, T, n)
         for i in range(n):
             lg = logits[:, :, i].reshape(-1, logits.shape[-1]).float()
             tg = targets[:, :, i].reshape(-1)
             valid = tg != IGNORE
             sums[0, i] += F.cross_entropy(lg, tg, ignore_index=IGNORE, reduction="sum").double().cpu()
-            sums[1, i] += ((lg.argmax(-1) == tg) & valid).sum().double().cpu()
+            sums[1, i] += ((greedy[:, :, i].reshape(-1) == tg) & valid).sum().double().cpu()
             sums[2, i] += valid.sum().double().cpu()
-        greedy = logits.argmax(-1)  # (B, T, n)
-        for i in range(n):
             same = greedy[:, : seq_len - i, i] == greedy[:, i:, 0]
             sums[3, i] += same.sum().double().cpu()
             sums[4, i] += same.numel()

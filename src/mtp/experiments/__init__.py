@@ -58,8 +58,9 @@ def run_experiment(name: str, quick: bool = False, out_dir: str | Path | None = 
             command += f" --threads {threads}"
         for k, v in overrides.items():
             command += f" --set '{k}={json.dumps(v) if not isinstance(v, str) else v}'"
+    st = common.override(module.settings(scale), overrides)
     t0 = time.perf_counter()
-    results = module.run(out, scale, seeds, command=command, overrides=overrides)
+    results = module.run(out, st, tuple(seeds) if seeds else st.seeds, scale=scale, command=command)
     results.setdefault("seconds", time.perf_counter() - t0)
     results["out_dir"] = str(out)
     return results

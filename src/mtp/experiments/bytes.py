@@ -60,9 +60,10 @@ def decode_prompts(data_dir: Path, count: int, length: int) -> list[list[int]]:
             if i * stride + length <= len(val)]
 
 
-def run(out_dir: Path, scale: str = "default", seeds: Sequence[int] | None = None,
-        command: str = "mtp experiment bytes", tokenizer: str = "byte",
-        overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+def run(out_dir: Path, st: Settings, seeds: Sequence[int], scale: str = "default",
+        command: str = "mtp experiment bytes") -> dict[str, Any]:
+    """Train every (n, seed) of `st` (byte or BPE, per st.tokenizer), evaluate and time decoding;
+    `scale` only labels the results."""
     from ..checkpoint import load_model
     from ..data import prepare
     from ..evaluate.metrics import evaluate_prepared
@@ -70,8 +71,6 @@ def run(out_dir: Path, scale: str = "default", seeds: Sequence[int] | None = Non
     from ..train import TrainConfig
 
     t_start = time.perf_counter()
-    st = common.override(settings(common.check_scale(scale), tokenizer), overrides)
-    seeds = tuple(seeds) if seeds else st.seeds
     data_dir = out_dir / "data"
     if not (data_dir / "meta.json").exists():
         prepare(None, data_dir, tokenizer=st.tokenizer, vocab_size=st.vocab_size, max_bytes=st.max_bytes)

@@ -156,13 +156,12 @@ def name_accuracy(model: Any, stories: Sequence[tuple[list[int], list[int]]], ba
     return hits / max(1, total)
 
 
-def run(out_dir: Path, scale: str = "default", seeds: Sequence[int] | None = None,
-        command: str = "mtp experiment induction", overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+def run(out_dir: Path, st: Settings, seeds: Sequence[int], scale: str = "default",
+        command: str = "mtp experiment induction") -> dict[str, Any]:
+    """Train and evaluate every (seed, size, n) of `st`; `scale` only labels the results."""
     from ..train import TrainConfig
 
     t_start = time.perf_counter()
-    st = common.override(settings(common.check_scale(scale)), overrides)
-    seeds = tuple(seeds) if seeds else st.seeds
     tok = common.word_tokenizer(vocabulary())
     # Data: one story set for every run (seed 1234), a disjoint evaluation set (seed 4321).
     data_dir = out_dir / "data"

@@ -142,13 +142,12 @@ def score(model: Any, tok: Any, problems: Sequence[tuple[str, str]], batch: int)
     return {"exact": exact / m, "coef": coef / (D * m), "zeros": zeros / m}
 
 
-def run(out_dir: Path, scale: str = "default", seeds: Sequence[int] | None = None,
-        command: str = "mtp experiment polynomial", overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+def run(out_dir: Path, st: Settings, seeds: Sequence[int], scale: str = "default",
+        command: str = "mtp experiment polynomial") -> dict[str, Any]:
+    """Train every (seed, n) of `st` and score greedy answers; `scale` only labels the results."""
     from ..train import TrainConfig
 
     t_start = time.perf_counter()
-    st = common.override(settings(common.check_scale(scale)), overrides)
-    seeds = tuple(seeds) if seeds else st.seeds
     tok = common.word_tokenizer(vocabulary())
     rng = random.Random(1234)
     docs = (" ".join(make_problem(rng, rng.choice(st.train_ops), st.leaf_degree)) for _ in range(st.train_problems))

@@ -120,29 +120,24 @@ def _first_line(e: BaseException) -> str:
 
 # ----- names ---------------------------------------------------------------------------------------
 
-def _hf_name(ours: str, n_trunk: int) -> str:
-    """Hugging Face name of one of our trunk / head-1 parameters (heads >= 2 keep our names)."""
-    if ours in _TOP_NAMES:
-        return _TOP_NAMES[ours]
-    m = _OURS_BLOCK.match(ours)
-    if m:
-        kind, i, rest = m[1], int(m[2]), m[3]
-        layer = i if kind == "trunk_layers" else n_trunk + i
-        if kind == "heads" and i > 0:
-            return ours
-        return f"model.layers.{layer}.{_BLOCK_NAMES.get(rest, rest)}"
-    return ours
-
-
-def _gpt2_name(ours: str, n_trunk: int) -> str:
-    """GPT-2 name of one of our trunk / head-1 parameters, for error messages."""
-    if ours in _GPT2_TOP_NAMES:
-        return _GPT2_TOP_NAMES[ours]
+def _source_name(ours: str, n_trunk: int, top: dict[str, str], block: dict[str, str], layers: str) -> str:
+    """The source model's name of one of our trunk / head-1 parameters (heads >= 2 keep our names):
+    `top` maps top-level names, `block` names inside a block, and block i is `{layers}.{i}`."""
+    if ours in top:
+        return top[ours]
     m = _OURS_BLOCK.match(ours)
     if m and not (m[1] == "heads" and int(m[2]) > 0):
         layer = int(m[2]) if m[1] == "trunk_layers" else n_trunk + int(m[2])
-        return f"transformer.h.{layer}.{_GPT2_BLOCK_NAMES.get(m[3], m[3])}"
+        return f"{layers}.{layer}.{block.get(m[3], m[3])}"
     return ours
+
+
+def _hf_name(ours: str, n_trunk: int) -> str:
+    return _source_name(ours, n_trunk, _TOP_NAMES, _BLOCK_NAMES, "model.layers")
+
+
+def _gpt2_name(ours: str, n_trunk: int) -> str:
+    return _source_name(ours, n_trunk, _GPT2_TOP_NAMES, _GPT2_BLOCK_NAMES, "transformer.h")
 
 
 # ----- import --------------------------------------------------------------------------------------
