@@ -49,6 +49,13 @@ class StubModel(nn.Module):
     # The decoders unembed hidden states themselves; the stub's "hidden states" are its logits.
     hidden = forward
 
+    def trunk_and_heads(self, tokens: Tensor, input_pos: Tensor | None = None, *, slots=None, mask=None,
+                        heads: int | None = None) -> tuple[Tensor, Tensor]:
+        return tokens[..., None].float(), self.forward(tokens, input_pos, heads=heads)
+
+    def later_heads(self, z: Tensor, done, input_pos: Tensor, heads: int, slots=None) -> Tensor:
+        return self.table[len(done):heads, input_pos].permute(1, 2, 0, 3)
+
     def unembed(self, h: Tensor) -> Tensor:
         return h
 
@@ -439,6 +446,11 @@ def test_decode_benchmark_rows_and_table(trained):
     assert all(r["matches_greedy"] and r["batch"] == 2 and r["tokens"] == 48 for r in rows)
     assert rows[0]["tokens_per_forward"] == 1.0 and rows[0]["speedup"] == 1.0
     assert rows[2]["tokens_per_forward"] > 1.5 and len(rows[2]["acceptance"]) == 3
+    assert rows[0]["fewer_steps"] == rows[0]["step_cost"] == rows[0]["step_flops"] == 1.0
+    for r in rows[1:]:  # the speedup taken apart: fewer passes, each costing more
+        assert r["speedup"] == pytest.approx(r["fewer_steps"] / r["step_cost"])
+        assert r["fewer_steps"] > 1.0 and r["step_flops"] > 1.0
+    assert rows[2]["step_flops"] > rows[1]["step_flops"]  # 4 tokens verified per pass vs 2
     table = format_table(rows)
     lines = table.splitlines()
     assert len(lines) == 2 + len(rows) and len({len(line) for line in lines}) == 1

@@ -190,9 +190,9 @@ def test_cli_generate_streams_and_speculation_matches(corpus, tmp_path, capsys):
     assert main(["generate", "--checkpoint", str(tmp_path / "run"), "--prompt", prompt, "--speculative", "x"]) == 2
     assert "--speculative takes" in capsys.readouterr().err
     assert main(["bench", "decode", "--checkpoint", str(tmp_path / "run"), "--prompt", prompt, "--max-new-tokens", "6",
-                 "--modes", "spec1", "--dtype", "bf16"]) == 0
-    table = capsys.readouterr().out
-    assert "greedy" in table and "spec1" in table
+                 "--modes", "spec1", "--dtype", "bf16", "--batch-size", "1", "3", "--repeats", "1"]) == 0
+    greedy_rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("greedy")]
+    assert [row[1] for row in greedy_rows] == ["1", "3"]  # one prompt, repeated to fill the batch of 3
 
 
 def test_cli_file_system_error_is_one_line(tmp_path, capsys):

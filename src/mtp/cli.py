@@ -264,7 +264,8 @@ def cmd_bench_decode(args: argparse.Namespace) -> None:
     ids = [tok.encode(p) for p in prompts]
     modes = args.modes or default_modes(model)
     for bs in args.batch_size:
-        rows = decode_benchmark(model, ids, args.max_new_tokens, modes, batch_size=bs)
+        filled = (ids * -(-bs // len(ids)))[: max(bs, len(ids))]  # a batch bigger than the prompts repeats them
+        rows = decode_benchmark(model, filled, args.max_new_tokens, modes, batch_size=bs, repeats=args.repeats)
         print(format_table(rows), flush=True)
 
 
@@ -382,7 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
     pbd.add_argument("--checkpoint", required=True)
     pbd.add_argument("--prompt", action="append")
     pbd.add_argument("--batch", help="file of prompts")
-    pbd.add_argument("--batch-size", type=int, nargs="+", default=[1])
+    pbd.add_argument("--batch-size", type=int, nargs="+", default=[1],
+                     help="rows decoded together; prompts are repeated to fill a batch bigger than them")
+    pbd.add_argument("--repeats", type=int, default=2, help="timed runs per mode, interleaved; the best counts")
     pbd.add_argument("--max-new-tokens", type=int, default=128)
     pbd.add_argument("--modes", nargs="+", default=None, help="e.g. greedy spec1 spec2 spec3 tree")
     pbd.add_argument("--device", default="auto")

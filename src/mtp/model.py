@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -354,15 +354,20 @@ class MTPModel(nn.Module):
         return x
 
     def head_hidden(self, z: Tensor, rope: tuple[Tensor, ...], ctx: CacheContext | None = None,
-                    heads: int | None = None) -> list[Tensor]:
-        """Hidden states (before the shared norm) of the first `heads` heads, in head order 1..n."""
+                    heads: int | None = None, done: Sequence[Tensor] = ()) -> list[Tensor]:
+        """Hidden states (before the shared norm) of the first `heads` heads, in head order 1..n.
+        `done`: outputs of heads 1..len(done), already computed on the same inputs (not with
+        anticausal heads, whose head 1 comes last)."""
         n = self.cfg.n_future if heads is None else heads
-        outs: dict[int, Tensor] = {}
+        if done and self.cfg.head_type == "anticausal":
+            raise ValueError("anticausal heads compute head 1 last: no heads can be done before the others")
+        outs: dict[int, Tensor] = dict(enumerate(done))
         for i in self.head_order():
             parent = self.head_parent(i)
             if self.cfg.head_type != "anticausal" and i >= n:
                 break
-            outs[i] = self.heads[i](z if parent < 0 else outs[parent], rope, ctx)
+            if i not in outs:
+                outs[i] = self.heads[i](z if parent < 0 else outs[parent], rope, ctx)
         return [outs[i] for i in range(n)]
 
     def unembed(self, h: Tensor) -> Tensor:
@@ -382,6 +387,11 @@ class MTPModel(nn.Module):
                mask: Tensor | None = None, heads: int | None = None) -> Tensor:
         """The heads' outputs before the shared norm and unembedding, (B, T, heads, dim); same
         arguments as `forward`. Decoding uses it to unembed only the rows it needs."""
+        return self.trunk_and_heads(tokens, input_pos, slots=slots, mask=mask, heads=heads)[1]
+
+    def trunk_and_heads(self, tokens: Tensor, input_pos: Tensor | None = None, *, slots: Tensor | None = None,
+                        mask: Tensor | None = None, heads: int | None = None) -> tuple[Tensor, Tensor]:
+        """`hidden` plus the trunk output z (B, T, dim) it started from."""
         if input_pos is None:
             if tokens.shape[1] > self.cfg.max_seq_len:
                 raise ConfigError(f"sequence of {tokens.shape[1]} tokens exceeds max_seq_len={self.cfg.max_seq_len}")
@@ -392,7 +402,17 @@ class MTPModel(nn.Module):
             ctx = self.cache_context(tokens, input_pos, slots, mask)
             rope = self.rope(input_pos)
         z = self.trunk(tokens, rope, ctx)
-        return torch.stack(self.head_hidden(z, rope, ctx, heads), dim=2)
+        return z, torch.stack(self.head_hidden(z, rope, ctx, heads), dim=2)
+
+    def later_heads(self, z: Tensor, done: Sequence[Tensor], input_pos: Tensor, heads: int,
+                    slots: Tensor | None = None) -> Tensor:
+        """Cached forward of heads len(done)+1..heads on trunk outputs z (B, T, dim) already
+        computed at input_pos (causal mask), given the earlier heads' outputs `done`; returns
+        (B, T, heads - len(done), dim). Speculative decoding verifies with head 1 at every draft
+        node and runs the draft heads afterwards on the accepted tokens only."""
+        ctx = self.cache_context(z[..., 0], input_pos, slots, None)
+        outs = self.head_hidden(z, self.rope(input_pos), ctx, heads, done)
+        return torch.stack(outs[len(done):], dim=2)
 
     # ----- KV cache ---------------------------------------------------------------------------
     def setup_cache(self, max_batch: int, max_len: int, dtype: torch.dtype | None = None,

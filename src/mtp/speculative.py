@@ -6,6 +6,8 @@ forward over [y, d1..dk] at positions p..p+k lets head 1 check every draft at on
 accepted when head 1 at the previous position predicts it, the longest agreeing prefix (a drafts)
 is kept, head 1's prediction after it is a free bonus token, and heads 2..k+1 there draft the next
 block. Each pass commits a+1 tokens and the output equals plain greedy decoding token for token.
+Only head 1 runs on every draft; heads 2..k+1 run afterwards on the a+1 committed tokens alone,
+which is all their caches and the next drafts need.
 
 Tree (Medusa, Cai et al. 2024): the top candidates of each head form a tree (e.g. top-3 of head 2
 x top-2 of head 3 x top-1 of head 4). All nodes are verified in one forward: node i writes cache
@@ -31,6 +33,7 @@ from typing import Any, Callable, Collection, Sequence
 
 import torch
 from torch import Tensor
+from torch.utils.flop_counter import FlopCounterMode
 
 from .generate import (
     GenerationError, GenerationResult, RowState, TokenCallback, cache_length, check_prompts,
@@ -240,12 +243,35 @@ def tree_mask(block: Block, ancestors: Tensor, kv_len: int) -> Tensor:
 
 
 def verify_forward(model: MTPModel, tree: DraftTree, tables: TreeTables, block: Block, nodes: Tensor,
-                   cache_len: int) -> Tensor:
-    """Hidden states (B, N, depth+1, dim) of every head at every node. Callers unembed head 1 at
-    every node but heads 2.. only at the accepted node: drafts are needed nowhere else, and the
-    unembedding is the largest matmul of a small model."""
+                   cache_len: int) -> tuple[Tensor, Tensor]:
+    """Trunk output (B, N, dim) and the heads' hidden states (B, N, heads, dim) at every node.
+
+    Only head 1 runs here (all heads with anticausal heads, whose head 1 needs the others): it
+    decides what is accepted, and the draft heads are needed only on the accepted path
+    (`draft_hidden`), so running them on every node would be wasted work."""
     mask = None if tree.is_chain else tree_mask(block, tables.ancestors, cache_len)
-    return model.hidden(nodes, block.positions, slots=block.slots, mask=mask, heads=tree.depth + 1)
+    heads = tree.depth + 1 if model.cfg.head_type == "anticausal" else 1
+    return model.trunk_and_heads(nodes, block.positions, slots=block.slots, mask=mask, heads=heads)
+
+
+def draft_hidden(model: MTPModel, tree: DraftTree, tables: TreeTables, block: Block, z: Tensor, hidden: Tensor,
+                 best: Tensor, accepted: Tensor, cache_len: int) -> Tensor:
+    """Heads 2..depth+1 at each row's accepted node (B, depth, dim), the next step's drafts.
+
+    Runs those heads over the accepted path (the chosen token and the accepted drafts, already in
+    consecutive cache slots) so their caches hold exactly the committed tokens; rows with a
+    shorter path pad with positions their next pass overwrites before any query can see them.
+    Callers unembed the result: at a small model the unembedding is the largest matmul."""
+    rows = torch.arange(z.shape[0], device=z.device)
+    if hidden.shape[2] > 1:  # anticausal: every head ran at every node
+        return hidden[rows, best, 1:]
+    length = int(accepted[block.active].max()) + 1 if bool(block.active.any()) else 1
+    path = tables.path[best][:, :length]  # (B, L) nodes of the accepted path (padded with the last)
+    gather = path[:, :, None].expand(-1, -1, z.shape[-1])
+    positions = block.base[:, None] + torch.arange(length, device=z.device)
+    out = model.later_heads(z.gather(1, gather), [hidden[:, :, 0].gather(1, gather)], positions,
+                            tree.depth + 1, slots=scratch_slots(positions, cache_len))
+    return out[rows, accepted.clamp(max=length - 1)]
 
 
 def draft_tokens(draft_logits: Tensor, tree: DraftTree, tables: TreeTables) -> Tensor:
@@ -326,7 +352,7 @@ def greedy_step(dec: Decoder, pending: Tensor, draft_logits: Tensor) -> tuple[Te
     """One verify pass; returns the next pending tokens (B,) and draft logits (B, depth, V)."""
     block = block_layout(dec.state, dec.tables, dec.cache_len)
     nodes = torch.cat([pending[:, None], draft_tokens(draft_logits, dec.tree, dec.tables)], dim=1)
-    hidden = verify_forward(dec.model, dec.tree, dec.tables, block, nodes, dec.cache_len)
+    z, hidden = verify_forward(dec.model, dec.tree, dec.tables, block, nodes, dec.cache_len)
     verdict = dec.model.unembed(hidden[:, :, 0]).argmax(-1)  # head 1: the greedy token after each node
     best = accepted_node(nodes, verdict, block, dec.tables)
     accepted = dec.tables.depth[best]
@@ -338,7 +364,8 @@ def greedy_step(dec: Decoder, pending: Tensor, draft_logits: Tensor) -> tuple[Te
     dec.stats.update(accepted, max_useful_depth(block, dec.tables), block.active)
     dec.state.count_forward()
     commit_block(dec, nodes, best, accepted, bonus)
-    return bonus, dec.model.unembed(hidden[rows, best, 1:])
+    drafts = draft_hidden(dec.model, dec.tree, dec.tables, block, z, hidden, best, accepted, dec.cache_len)
+    return bonus, dec.model.unembed(drafts)
 
 
 @torch.no_grad()
@@ -427,15 +454,15 @@ def sampling_step(dec: Decoder, sampling: Sampling, pending: Tensor, q: Tensor,
     block = block_layout(dec.state, dec.tables, dec.cache_len)
     drafts = draw(q, generator)
     nodes = torch.cat([pending[:, None], drafts], dim=1)
-    hidden = verify_forward(dec.model, dec.tree, dec.tables, block, nodes, dec.cache_len)
+    z, hidden = verify_forward(dec.model, dec.tree, dec.tables, block, nodes, dec.cache_len)
     p = sampling.probs(dec.model.unembed(hidden[:, :, 0]))
     max_depth = max_useful_depth(block, dec.tables)
     accepted, final = rejection_step(p, q, drafts, block.useful[:, 1:], max_depth, generator)
     dec.stats.update(accepted, max_depth, block.active)
     dec.state.count_forward()
     commit_block(dec, nodes, accepted, accepted, final)  # in a chain, node index == depth
-    rows = torch.arange(nodes.shape[0], device=nodes.device)
-    return final, sampling.probs(dec.model.unembed(hidden[rows, accepted, 1:]))
+    drafts = draft_hidden(dec.model, dec.tree, dec.tables, block, z, hidden, accepted, accepted, dec.cache_len)
+    return final, sampling.probs(dec.model.unembed(drafts))
 
 
 @torch.no_grad()
@@ -498,6 +525,8 @@ class ModeRun:
 
     tokens: list[list[int]] = field(default_factory=list)
     row_forwards: list[int] = field(default_factory=list)
+    forwards: int = 0  # batch passes (prefill included): a batch waits for its slowest row
+    flops: float = 0.0  # matmul/attention FLOPs of the whole run (FlopCounterMode, untimed run)
     attempts: list[int] = field(default_factory=list)
     accepts: list[int] = field(default_factory=list)
     seconds: float = math.inf
@@ -505,6 +534,7 @@ class ModeRun:
     def add(self, result: GenerationResult) -> None:
         self.tokens += result.tokens
         self.row_forwards += result.row_forwards
+        self.forwards += result.forwards
         if isinstance(result, SpeculativeResult):
             if not self.attempts:
                 self.attempts = [0] * len(result.draft_attempts)
@@ -525,7 +555,10 @@ def decode_benchmark(model: MTPModel, prompts: list[list[int]], max_new_tokens: 
                      batch_size: int = 1, *, repeats: int = 1, warmup_tokens: int = 8) -> list[dict[str, Any]]:
     """Decode the same prompts with plain greedy and each mode; one row per mode (greedy first):
     mode, batch, tokens, seconds, tokens_per_s, tokens_per_forward, speedup (vs greedy tokens/s),
-    acceptance (per draft head 2.., P(accepted | earlier drafts accepted)), matches_greedy.
+    acceptance (per draft head 2.., P(accepted | earlier drafts accepted)), matches_greedy, and
+    the speedup taken apart: speedup = fewer_steps / step_cost, where fewer_steps is greedy's batch
+    passes over this mode's, step_cost the time of one pass relative to a greedy pass, and
+    step_flops its FLOPs relative to a greedy pass (what a pass costs where compute is the limit).
     Every mode is warmed up first; timings are the best of `repeats`, modes interleaved."""
     names = ["greedy"] + [m for m in dict.fromkeys(modes) if m != "greedy"]
     runners = {m: mode_runner(model, m) for m in names}
@@ -539,6 +572,10 @@ def decode_benchmark(model: MTPModel, prompts: list[list[int]], max_new_tokens: 
             if name not in runs or seconds < runs[name].seconds:
                 out.seconds = seconds
                 runs[name] = out
+    for name, run in runners.items():  # counted apart: the counter slows the run down
+        with FlopCounterMode(display=False) as counter:
+            time_mode(run, batches, max_new_tokens)
+        runs[name].flops = float(counter.get_total_flops())
     return [benchmark_row(name, runs[name], runs["greedy"], batch_size) for name in names]
 
 
@@ -556,15 +593,19 @@ def benchmark_row(name: str, run: ModeRun, greedy: ModeRun, batch_size: int) -> 
         "speedup": rate / greedy_rate,
         "acceptance": [a / n if n else math.nan for a, n in zip(run.accepts, run.attempts)],
         "matches_greedy": run.tokens == greedy.tokens,
+        "fewer_steps": greedy.forwards / run.forwards,
+        "step_cost": (run.seconds / run.forwards) / (greedy.seconds / greedy.forwards),
+        "step_flops": (run.flops / run.forwards) / (greedy.flops / greedy.forwards) if greedy.flops else math.nan,
     }
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     """Plain-text table of `decode_benchmark` rows, columns aligned."""
-    header = ["mode", "batch", "tok/s", "tok/fwd", "speedup", "accept h2/h3/..", "same as greedy"]
+    header = ["mode", "batch", "tok/s", "tok/fwd", "speedup", "fewer steps", "step time", "step FLOPs",
+              "accept h2/h3/..", "same as greedy"]
     lines = [header] + [[
         str(r["mode"]), str(r["batch"]), f"{r['tokens_per_s']:.1f}", f"{r['tokens_per_forward']:.2f}",
-        f"{r['speedup']:.2f}x",
+        f"{r['speedup']:.2f}x", f"{r['fewer_steps']:.2f}x", f"{r['step_cost']:.2f}x", f"{r['step_flops']:.2f}x",
         "/".join("-" if math.isnan(a) else f"{a:.2f}" for a in r["acceptance"]) or "-",
         "yes" if r["matches_greedy"] else "NO",
     ] for r in rows]
