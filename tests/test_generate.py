@@ -148,6 +148,24 @@ def test_generation_stops_when_context_is_full():
     assert out.tokens == generate_reference(model, prompts, 10).tokens
 
 
+def test_continuous_batching_equals_one_batch():
+    model = make_model(11, max_seq_len=24)
+    prompts = random_prompts([5, 24, 2, 13, 23, 7, 1, 9], seed=11)  # 24: nothing to generate, 23: one token
+    stop = generate(model, prompts, 10).tokens[0][3]
+    whole = generate(model, prompts, 10, stop_tokens=[stop])
+    assert whole.stop_reasons[0] == "stop"
+    for batch_size in (1, 3, 5):
+        seen: list[list[list[int]]] = []
+        out = generate(model, prompts, 10, stop_tokens=[stop], batch_size=batch_size, on_tokens=seen.append)
+        assert out.tokens == whole.tokens and out.stop_reasons == whole.stop_reasons, batch_size
+        assert out.row_forwards == whole.row_forwards  # each prompt took part in as many passes
+        assert [sum((step[i] for step in seen), []) for i in range(len(prompts))] == out.tokens
+        assert len(seen) == out.forwards > whole.forwards
+        assert model.cache_batch == batch_size  # the cache holds only the rows decoded at once
+    with pytest.raises(GenerationError, match="batch_size must be >= 1, got 0"):
+        generate(model, prompts, 10, batch_size=0)
+
+
 def test_zero_new_tokens():
     model = make_model(10)
     out = generate(model, random_prompts([3]), 0)

@@ -41,7 +41,7 @@ class StubModel(nn.Module):
         self.moves: list[tuple[Tensor, Tensor]] = []
 
     def forward(self, tokens: Tensor, input_pos: Tensor | None = None, *, slots=None, mask=None,
-                heads: int | None = None) -> Tensor:
+                heads: int | None = None, rows=None) -> Tensor:
         pos = torch.arange(tokens.shape[1]).expand(tokens.shape) if input_pos is None else input_pos
         heads = self.cfg.n_future if heads is None else heads
         return self.table[:heads, pos].permute(1, 2, 0, 3)  # (B, S, heads, V)
@@ -322,6 +322,28 @@ def test_trained_model_stop_tokens_and_streaming(trained):
         assert [sum((s[r] for s in seen), []) for r in range(len(prompts))] == res.tokens
         assert len(seen) == res.forwards
         assert res.stop_reasons[0] == "stop"
+
+
+def test_continuous_batching_equals_greedy(trained):
+    prompts = trained_prompts(10, seed=13) + [song_windows(1, 62, 3, 32)[0].tolist(), [5, 6]]
+    free = generate(trained, prompts, 24).tokens
+    stop = free[1][5]
+    expect = generate(trained, prompts, 24, stop_tokens=[stop])
+    assert expect.stop_reasons[1] == "stop" and len(expect.tokens[10]) == 2  # at the context end
+    decoders = {
+        "spec1": lambda **kw: speculative_generate(trained, prompts, 24, k=1, **kw),
+        "spec3": lambda **kw: speculative_generate(trained, prompts, 24, k=3, **kw),
+        "tree": lambda **kw: tree_generate(trained, prompts, 24, tree=(3, 2, 1), **kw),
+        "sample t=0": lambda **kw: speculative_sample(trained, prompts, 24, k=2, temperature=0.0, seed=1, **kw),
+    }
+    for batch_size in (1, 4):
+        for name, decode in decoders.items():
+            seen: list[list[list[int]]] = []
+            res = decode(stop_tokens=[stop], batch_size=batch_size, on_tokens=seen.append)
+            assert res.tokens == expect.tokens and res.stop_reasons == expect.stop_reasons, (name, batch_size)
+            assert [sum((s[i] for s in seen), []) for i in range(len(prompts))] == res.tokens
+            assert len(seen) == res.forwards and trained.cache_batch == batch_size
+            assert res.tokens_per_forward > 1.5, name
 
 
 def test_speculative_errors():

@@ -187,6 +187,12 @@ def test_cli_generate_streams_and_speculation_matches(corpus, tmp_path, capsys):
         assert main(["generate", "--checkpoint", str(tmp_path / "run"), "--prompt", prompt, "--no-stop",
                      "--max-new-tokens", "12", *extra]) == 0
         assert capsys.readouterr().out == want, extra
+    two = ["generate", "--checkpoint", str(tmp_path / "run"), "--prompt", prompt, "--prompt", "class A:", "--no-stop",
+           "--max-new-tokens", "12"]
+    assert main(two) == 0
+    whole = capsys.readouterr().out
+    assert main(two + ["--batch-size", "1", "--speculative", "2"]) == 0  # one row at a time, the same text
+    assert capsys.readouterr().out == whole and whole.startswith(want)
     assert main(["generate", "--checkpoint", str(tmp_path / "run"), "--prompt", prompt, "--speculative", "x"]) == 2
     assert "--speculative takes" in capsys.readouterr().err
     assert main(["bench", "decode", "--checkpoint", str(tmp_path / "run"), "--prompt", prompt, "--max-new-tokens", "6",

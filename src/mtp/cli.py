@@ -202,15 +202,17 @@ def cmd_generate(args: argparse.Namespace) -> None:
     spec = args.speculative
     if spec is None:
         res = generate(model, ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                       top_p=args.top_p, seed=args.seed, stop_tokens=stop, on_tokens=stream)
+                       top_p=args.top_p, seed=args.seed, stop_tokens=stop, on_tokens=stream,
+                       batch_size=args.batch_size)
     elif spec == "tree":
-        res = tree_generate(model, ids, args.max_new_tokens, stop_tokens=stop, on_tokens=stream)
+        res = tree_generate(model, ids, args.max_new_tokens, stop_tokens=stop, on_tokens=stream,
+                            batch_size=args.batch_size)
     else:
         if not spec.isdigit():
             raise ValueError(f"--speculative takes a number of drafts k or 'tree', got {spec!r}")
         res = speculative_generate(model, ids, args.max_new_tokens, k=int(spec), temperature=args.temperature,
                                    top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_tokens=stop,
-                                   on_tokens=stream)
+                                   on_tokens=stream, batch_size=args.batch_size)
     if stream is not None:
         stream.finish()
     else:
@@ -264,8 +266,9 @@ def cmd_bench_decode(args: argparse.Namespace) -> None:
     ids = [tok.encode(p) for p in prompts]
     modes = args.modes or default_modes(model)
     for bs in args.batch_size:
-        filled = (ids * -(-bs // len(ids)))[: max(bs, len(ids))]  # a batch bigger than the prompts repeats them
-        rows = decode_benchmark(model, filled, args.max_new_tokens, modes, batch_size=bs, repeats=args.repeats)
+        count = args.requests or max(bs, len(ids))
+        requests = (ids * -(-count // len(ids)))[:count]  # prompts repeated as often as needed
+        rows = decode_benchmark(model, requests, args.max_new_tokens, modes, batch_size=bs, repeats=args.repeats)
         print(format_table(rows), flush=True)
 
 
@@ -366,6 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
     pg.add_argument("--prompt", action="append", help="prompt text (repeatable: a batch)")
     pg.add_argument("--batch", help="file of prompts, one per line (\\n escapes) or JSONL with a 'prompt' key")
     pg.add_argument("--speculative", default=None, help="k (drafts from heads 2..k+1) or 'tree'")
+    pg.add_argument("--batch-size", type=int, default=None,
+                    help="decode this many prompts at once, a finished row taking the next (default: all)")
     pg.add_argument("--max-new-tokens", type=int, default=128)
     pg.add_argument("--temperature", type=float, default=0.0)
     pg.add_argument("--top-k", type=int, default=None)
@@ -384,7 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
     pbd.add_argument("--prompt", action="append")
     pbd.add_argument("--batch", help="file of prompts")
     pbd.add_argument("--batch-size", type=int, nargs="+", default=[1],
-                     help="rows decoded together; prompts are repeated to fill a batch bigger than them")
+                     help="rows decoded together; a finished row takes the next prompt (continuous batching)")
+    pbd.add_argument("--requests", type=int, default=None,
+                     help="prompts decoded per mode, the given ones repeated (default: max(batch size, prompts))")
     pbd.add_argument("--repeats", type=int, default=2, help="timed runs per mode, interleaved; the best counts")
     pbd.add_argument("--max-new-tokens", type=int, default=128)
     pbd.add_argument("--modes", nargs="+", default=None, help="e.g. greedy spec1 spec2 spec3 tree")

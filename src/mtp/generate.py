@@ -178,10 +178,11 @@ def pad_prompts(prompts: Sequence[Sequence[int]], device: torch.device | str = "
 
 
 def prefill(model: MTPModel, tokens: Tensor, lengths: Tensor, *, heads: int = 1,
-            chunk_size: int | None = None) -> Tensor:
-    """Fill the KV cache with right-padded prompts (B, T); logits (B, heads, V) at each row's last
-    prompt token. Runs in chunks of positions so the full (B, T, heads, V) logits never exist;
-    padding writes slots past a row's prompt, which the row overwrites before it reads them."""
+            chunk_size: int | None = None, rows: Tensor | None = None) -> Tensor:
+    """Fill the KV cache with right-padded prompts (B, T), into cache rows `rows` (default
+    0..B-1); logits (B, heads, V) at each row's last prompt token. Runs in chunks of positions so
+    the full (B, T, heads, V) logits never exist; padding writes slots past a row's prompt, which
+    the row overwrites before it reads them."""
     B, T = tokens.shape
     if chunk_size is None:
         chunk_size = max(1, PREFILL_LOGITS_BUDGET // (B * heads * model.cfg.vocab_size))
@@ -190,11 +191,11 @@ def prefill(model: MTPModel, tokens: Tensor, lengths: Tensor, *, heads: int = 1,
     for start in range(0, T, chunk_size):
         stop = min(T, start + chunk_size)
         positions = torch.arange(start, stop, device=tokens.device).expand(B, -1)
-        logits = model(tokens[:, start:stop], positions, heads=heads)
+        logits = model(tokens[:, start:stop], positions, heads=heads, rows=rows)
         if out is None:
             out = logits.new_empty(B, heads, logits.shape[-1])
-        rows = ((last >= start) & (last < stop)).nonzero().squeeze(-1)
-        out[rows] = logits[rows, last[rows] - start]
+        ends = ((last >= start) & (last < stop)).nonzero().squeeze(-1)  # rows whose prompt ends here
+        out[ends] = logits[ends, last[ends] - start]
     assert out is not None
     return out
 
@@ -214,10 +215,13 @@ def scratch_slots(slots: Tensor, cache_len: int) -> Tensor:
 
 # ----- per-row bookkeeping ----------------------------------------------------------------------
 class RowState:
-    """What every decoder tracks per row: output so far, token budget, stop reason, passes."""
+    """What every decoder tracks: each request's output, token budget, stop reason and passes, and
+    which request each batch row serves. With fewer rows than requests (continuous batching) a
+    row whose request finished takes the next one (`refill`). Methods taking `r` index batch rows."""
 
     def __init__(self, prompts: Sequence[Sequence[int]], limits: Sequence[int],
-                 stop_tokens: Collection[int]) -> None:
+                 stop_tokens: Collection[int], batch_size: int | None = None) -> None:
+        self.prompts = [list(p) for p in prompts]
         self.prompt_lens = [len(p) for p in prompts]
         self.limits = list(limits)
         self.stop = frozenset(int(t) for t in stop_tokens)
@@ -225,44 +229,72 @@ class RowState:
         self.reasons = ["length" if n == 0 else "" for n in self.limits]
         self.row_forwards = [0] * len(prompts)
         self.forwards = 0
+        if batch_size is not None and batch_size < 1:
+            raise GenerationError(f"batch_size must be >= 1, got {batch_size}")
+        rows = len(prompts) if batch_size is None else min(batch_size, len(prompts))
+        self.request = list(range(rows))  # request served by each batch row
+        self.queued = rows  # next request to start
 
     @property
     def batch(self) -> int:
-        return len(self.out)
+        return len(self.request)
 
     def is_active(self, r: int) -> bool:
-        return not self.reasons[r]
+        return not self.reasons[self.request[r]]
 
     def active_rows(self) -> list[int]:
-        return [r for r in range(self.batch) if not self.reasons[r]]
+        return [r for r in range(self.batch) if self.is_active(r)]
 
     def remaining(self, r: int) -> int:
         """Tokens row r may still emit (0 once finished)."""
-        return 0 if self.reasons[r] else self.limits[r] - len(self.out[r])
+        q = self.request[r]
+        return 0 if self.reasons[q] else self.limits[q] - len(self.out[q])
 
     def pending_position(self, r: int) -> int:
         """Position of row r's newest token (the one to feed next)."""
-        return self.prompt_lens[r] + len(self.out[r]) - 1
+        q = self.request[r]
+        return self.prompt_lens[q] + len(self.out[q]) - 1
 
-    def count_forward(self) -> None:
-        """Record one model pass; call before committing its tokens."""
+    def last_token(self, r: int) -> int:
+        out = self.out[self.request[r]]
+        return out[-1] if out else PAD_ID
+
+    def count_forward(self, rows: Sequence[int] | None = None) -> None:
+        """Record one model pass over the active ones of `rows` (default: all rows); call before
+        committing its tokens."""
         self.forwards += 1
-        for r in self.active_rows():
-            self.row_forwards[r] += 1
+        for r in range(self.batch) if rows is None else rows:
+            if self.is_active(r):
+                self.row_forwards[self.request[r]] += 1
 
     def commit(self, r: int, tokens: Sequence[int]) -> list[int]:
-        """Append tokens to row r, stopping after a stop token (kept) or at the budget."""
+        """Append tokens to row r's request, stopping after a stop token (kept) or at the budget."""
+        q = self.request[r]
         added: list[int] = []
         for t in tokens:
-            if self.reasons[r]:
+            if self.reasons[q]:
                 break
-            self.out[r].append(t)
+            self.out[q].append(t)
             added.append(t)
             if t in self.stop:
-                self.reasons[r] = "stop"
-            elif len(self.out[r]) >= self.limits[r]:
-                self.reasons[r] = "length"
+                self.reasons[q] = "stop"
+            elif len(self.out[q]) >= self.limits[q]:
+                self.reasons[q] = "length"
         return added
+
+    def refill(self) -> list[int]:
+        """Give every finished row the next queued request that has anything to generate; returns
+        the rows that need a prefill."""
+        fresh: list[int] = []
+        for r in range(self.batch):
+            while not self.is_active(r) and self.queued < len(self.prompts):
+                self.request[r], self.queued = self.queued, self.queued + 1
+                if self.is_active(r):
+                    fresh.append(r)
+        return fresh
+
+    def prompts_of(self, rows: Sequence[int]) -> list[list[int]]:
+        return [self.prompts[self.request[r]] for r in rows]
 
     def result(self) -> GenerationResult:
         return GenerationResult(self.out, self.forwards, self.row_forwards, self.reasons)
@@ -270,12 +302,24 @@ class RowState:
 
 def commit_rows(state: RowState, rows: Sequence[int], tokens: Sequence[Sequence[int]],
                 on_tokens: TokenCallback | None) -> None:
-    """Commit tokens[i] to rows[i] and report every row's new tokens (empty for idle rows)."""
-    new: list[list[int]] = [[] for _ in range(state.batch)]
+    """Commit tokens[i] to rows[i] and report the new tokens of every request (empty for most)."""
+    new: list[list[int]] = [[] for _ in state.out]
     for r, toks in zip(rows, tokens):
-        new[r] = state.commit(r, toks)
+        new[state.request[r]] = state.commit(r, toks)
     if on_tokens is not None:
         on_tokens(new)
+
+
+def prefill_rows(model: MTPModel, state: RowState, rows: Sequence[int], heads: int) -> Tensor:
+    """Prefill the prompts of `rows` (their current requests) into those cache rows; one pass.
+    Returns logits (len(rows), heads, V) at each prompt's last token."""
+    device = next(model.parameters()).device
+    tokens, lengths = pad_prompts(state.prompts_of(rows), device)
+    everyone = list(rows) == list(range(state.batch))
+    logits = prefill(model, tokens, lengths, heads=heads,
+                     rows=None if everyone else torch.tensor(list(rows), device=device))
+    state.count_forward(rows)
+    return logits
 
 
 # ----- generation -------------------------------------------------------------------------------
@@ -283,36 +327,41 @@ def commit_rows(state: RowState, rows: Sequence[int], tokens: Sequence[Sequence[
 def generate(model: MTPModel, prompts: list[list[int]], max_new_tokens: int, *,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              seed: int | None = None, stop_tokens: Collection[int] = (),
-             on_tokens: TokenCallback | None = None) -> GenerationResult:
-    """Decode a batch with the KV cache, one token per row per forward, using head 1 only.
+             on_tokens: TokenCallback | None = None, batch_size: int | None = None) -> GenerationResult:
+    """Decode prompts with the KV cache, one token per row per forward, using head 1 only.
 
     Greedy when temperature == 0. `on_tokens` gets, after each pass, the list of new tokens of
-    every row. A row stops after a stop token (kept in its output) or `max_new_tokens`, or when
-    it fills the context. Sets up (replaces) the model's KV cache."""
+    every prompt. A row stops after a stop token (kept in its output) or `max_new_tokens`, or when
+    it fills the context. With `batch_size` below the number of prompts, that many rows decode at
+    once and a finished row takes the next prompt (continuous batching); by default all prompts
+    form one batch. Sets up (replaces) the model's KV cache."""
     check_prompts(model, prompts, max_new_tokens)
     check_sampling(temperature, top_k, top_p)
     limits = token_limits(model, prompts, max_new_tokens)
-    state = RowState(prompts, limits, stop_tokens)
+    state = RowState(prompts, limits, stop_tokens, batch_size)
+    state.refill()
     if not state.active_rows():
         return state.result()
     device = next(model.parameters()).device
     cache_len = cache_length(prompts, limits)
-    setup_decode_cache(model, len(prompts), cache_len)
+    setup_decode_cache(model, state.batch, cache_len)
     generator = make_generator(seed, device)
-    tokens, lengths = pad_prompts(prompts, device)
-    logits = prefill(model, tokens, lengths, heads=1)[:, 0]
+    logits = prefill_rows(model, state, range(state.batch), heads=1)[:, 0]
+    choose = state.active_rows()
     while True:
-        state.count_forward()
-        rows = state.active_rows()
-        chosen = sample_next(logits[rows], temperature, top_k, top_p, generator).tolist()
-        commit_rows(state, rows, [[t] for t in chosen], on_tokens)
-        if not state.active_rows():
+        chosen = sample_next(logits[choose], temperature, top_k, top_p, generator).tolist()
+        commit_rows(state, choose, [[t] for t in chosen], on_tokens)
+        if fresh := state.refill():  # new prompts: prefill them, then pick their first token
+            logits[fresh] = prefill_rows(model, state, fresh, heads=1)[:, 0]
+            choose = fresh
+            continue
+        if not (choose := state.active_rows()):
             return state.result()
         # Finished rows are fed a dummy token at their own position; nothing reads it.
-        last = [o[-1] if o else PAD_ID for o in state.out]
         positions = torch.tensor([state.pending_position(r) for r in range(state.batch)], device=device)
-        logits = decode_one(model, torch.tensor(last, device=device), positions,
-                            slots=scratch_slots(positions, cache_len), heads=1)[:, 0]
+        last = torch.tensor([state.last_token(r) for r in range(state.batch)], device=device)
+        logits = decode_one(model, last, positions, slots=scratch_slots(positions, cache_len), heads=1)[:, 0]
+        state.count_forward()
 
 
 @torch.no_grad()

@@ -229,8 +229,9 @@ class Attention(nn.Module):
             # Write this step's keys/values at each row's own slots, then attend over the prefix.
             self.cache_k[ctx.rows, ctx.slots] = k.to(self.cache_k.dtype)
             self.cache_v[ctx.rows, ctx.slots] = v.to(self.cache_v.dtype)
-            keys = self.cache_k[:B, : ctx.kv_len].transpose(1, 2).to(q.dtype)
-            values = self.cache_v[:B, : ctx.kv_len].transpose(1, 2).to(q.dtype)
+            rows = slice(0, B) if ctx.leading else ctx.rows[:, 0]
+            keys = self.cache_k[rows, : ctx.kv_len].transpose(1, 2).to(q.dtype)
+            values = self.cache_v[rows, : ctx.kv_len].transpose(1, 2).to(q.dtype)
             out = F.scaled_dot_product_attention(
                 q.transpose(1, 2), keys, values, attn_mask=ctx.mask[:, None],
                 enable_gqa=self.n_kv_heads != self.n_heads,
@@ -281,10 +282,11 @@ class LinearHead(nn.Module):
 class CacheContext:
     """Where a cached forward reads and writes: per-row slots, and which cache slots each query sees."""
 
-    rows: Tensor  # (B, 1) row index, broadcast against slots
+    rows: Tensor  # (B, 1) cache row of each input row, broadcast against slots
     slots: Tensor  # (B, S) cache slot written by each input token
     mask: Tensor  # (B, S, kv_len) True where the query may attend
     kv_len: int
+    leading: bool = True  # rows are 0..B-1, so reads can slice the cache instead of gathering
 
 
 def causal_cache_mask(positions: Tensor, kv_len: int) -> Tensor:
@@ -374,23 +376,25 @@ class MTPModel(nn.Module):
         return self.output(self.norm(h))
 
     def forward(self, tokens: Tensor, input_pos: Tensor | None = None, *, slots: Tensor | None = None,
-                mask: Tensor | None = None, heads: int | None = None) -> Tensor:
+                mask: Tensor | None = None, heads: int | None = None, rows: Tensor | None = None) -> Tensor:
         """Logits (B, T, heads, V). Without `input_pos` this is a plain causal forward.
 
         With `input_pos` (B, T) the KV cache is used: token (b, t) sits at position input_pos[b, t]
         (RoPE or learned), writes cache slot slots[b, t] (default: its position) and attends to the
-        slots where mask[b, t] is True (default: slots <= its position). Trees pass both.
+        slots where mask[b, t] is True (default: slots <= its position). Trees pass both. Input row
+        b uses cache row rows[b] (default: b); continuous batching prefills a new prompt into one row.
         """
-        return self.unembed(self.hidden(tokens, input_pos, slots=slots, mask=mask, heads=heads))
+        return self.unembed(self.hidden(tokens, input_pos, slots=slots, mask=mask, heads=heads, rows=rows))
 
     def hidden(self, tokens: Tensor, input_pos: Tensor | None = None, *, slots: Tensor | None = None,
-               mask: Tensor | None = None, heads: int | None = None) -> Tensor:
+               mask: Tensor | None = None, heads: int | None = None, rows: Tensor | None = None) -> Tensor:
         """The heads' outputs before the shared norm and unembedding, (B, T, heads, dim); same
         arguments as `forward`. Decoding uses it to unembed only the rows it needs."""
-        return self.trunk_and_heads(tokens, input_pos, slots=slots, mask=mask, heads=heads)[1]
+        return self.trunk_and_heads(tokens, input_pos, slots=slots, mask=mask, heads=heads, rows=rows)[1]
 
     def trunk_and_heads(self, tokens: Tensor, input_pos: Tensor | None = None, *, slots: Tensor | None = None,
-                        mask: Tensor | None = None, heads: int | None = None) -> tuple[Tensor, Tensor]:
+                        mask: Tensor | None = None, heads: int | None = None,
+                        rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """`hidden` plus the trunk output z (B, T, dim) it started from."""
         if input_pos is None:
             if tokens.shape[1] > self.cfg.max_seq_len:
@@ -399,7 +403,7 @@ class MTPModel(nn.Module):
             ctx = None
         else:
             input_pos = input_pos.expand(tokens.shape) if input_pos.dim() == 1 else input_pos
-            ctx = self.cache_context(tokens, input_pos, slots, mask)
+            ctx = self.cache_context(tokens, input_pos, slots, mask, rows)
             rope = self.rope(input_pos)
         z = self.trunk(tokens, rope, ctx)
         return z, torch.stack(self.head_hidden(z, rope, ctx, heads), dim=2)
@@ -437,12 +441,14 @@ class MTPModel(nn.Module):
         self.cache_batch = self.cache_len = 0
 
     def cache_context(self, tokens: Tensor, input_pos: Tensor, slots: Tensor | None,
-                      mask: Tensor | None) -> CacheContext:
+                      mask: Tensor | None, rows: Tensor | None = None) -> CacheContext:
         B, S = tokens.shape
         if self.cache_len == 0:  # clear_cache() resets it too
             raise ConfigError("KV cache not set up: call model.setup_cache(max_batch, max_len) first")
         if B > self.cache_batch:
             raise ConfigError(f"batch of {B} exceeds the cache's max_batch={self.cache_batch}")
+        if rows is not None and rows.numel() and int(rows.max()) >= self.cache_batch:
+            raise ConfigError(f"cache row {int(rows.max())} is past the cache's max_batch={self.cache_batch}")
         slots = input_pos if slots is None else slots
         kv_len = int(slots.max()) + 1
         if kv_len > self.cache_len:
@@ -451,8 +457,9 @@ class MTPModel(nn.Module):
             mask = causal_cache_mask(input_pos, kv_len)
         else:
             mask = mask[..., :kv_len]
-        rows = torch.arange(B, device=tokens.device)[:, None]
-        return CacheContext(rows=rows, slots=slots, mask=mask, kv_len=kv_len)
+        leading = rows is None
+        rows = torch.arange(B, device=tokens.device) if rows is None else rows
+        return CacheContext(rows=rows[:, None], slots=slots, mask=mask, kv_len=kv_len, leading=leading)
 
     def cache_move(self, rows: Tensor, src: Tensor, dst: Tensor) -> None:
         """Copy cached keys/values from slots `src` to slots `dst` (both (B, K)) for rows (B, 1):

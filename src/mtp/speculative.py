@@ -37,7 +37,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .generate import (
     GenerationError, GenerationResult, RowState, TokenCallback, cache_length, check_prompts,
-    check_sampling, commit_rows, generate, make_generator, pad_prompts, prefill, sampling_probs,
+    check_sampling, commit_rows, generate, make_generator, prefill, prefill_rows, sampling_probs,
     scratch_slots, setup_decode_cache, token_limits,
 )
 from .model import MTPModel
@@ -321,23 +321,45 @@ class Decoder:
 
 
 def start_decoder(model: MTPModel, prompts: list[list[int]], max_new_tokens: int, tree: DraftTree,
-                  stop_tokens: Collection[int], on_tokens: TokenCallback | None) -> tuple[Decoder, Tensor | None]:
-    """Check the request, set up the cache and prefill; returns the decoder and the prefill
-    logits (B, depth+1, V), or None when no row has anything to generate."""
+                  stop_tokens: Collection[int], on_tokens: TokenCallback | None,
+                  batch_size: int | None = None) -> tuple[Decoder, Tensor | None]:
+    """Check the request, set up the cache and prefill the first batch of rows; returns the
+    decoder and the prefill logits (B, depth+1, V), or None when no row has anything to generate."""
     check_prompts(model, prompts, max_new_tokens)
     check_tree(model, tree)
     device = next(model.parameters()).device
     limits = token_limits(model, prompts, max_new_tokens)
-    state = RowState(prompts, limits, stop_tokens)
+    state = RowState(prompts, limits, stop_tokens, batch_size)
+    state.refill()
     cache_len = cache_length(prompts, limits, slack=tree.size, max_seq_len=model.cfg.max_seq_len)
     dec = Decoder(model, tree, tree.tables(device), state, DraftStats(tree.depth, device), cache_len, on_tokens)
     if not state.active_rows():
         return dec, None
-    setup_decode_cache(model, len(prompts), cache_len)
-    tokens, lengths = pad_prompts(prompts, device)
-    logits = prefill(model, tokens, lengths, heads=tree.depth + 1)
-    state.count_forward()
-    return dec, logits
+    setup_decode_cache(model, state.batch, cache_len)
+    return dec, prefill_rows(model, state, range(state.batch), heads=tree.depth + 1)
+
+
+# First tokens (R,) and drafts (R, depth, ...) from prefill logits (R, depth+1, V).
+Pick = Callable[[Tensor], tuple[Tensor, Tensor]]
+
+
+def first_tokens(dec: Decoder, logits: Tensor, pick: Pick) -> tuple[Tensor, Tensor]:
+    """Commit every row's first token from the prefill logits; the pending tokens and drafts."""
+    pending, drafts = pick(logits)
+    rows = dec.state.active_rows()
+    commit_rows(dec.state, rows, [[t] for t in pending[rows].tolist()], dec.on_tokens)
+    return refill_rows(dec, pick, pending, drafts)
+
+
+def refill_rows(dec: Decoder, pick: Pick, pending: Tensor, drafts: Tensor) -> tuple[Tensor, Tensor]:
+    """Continuous batching: rows whose request finished take the next prompts; each is prefilled
+    and its first token committed (again, while rows finish at once). Updates pending / drafts."""
+    while rows := dec.state.refill():
+        first, new_drafts = pick(prefill_rows(dec.model, dec.state, rows, heads=dec.tree.depth + 1))
+        index = torch.tensor(rows, device=pending.device)
+        pending[index], drafts[index] = first, new_drafts
+        commit_rows(dec.state, rows, [[t] for t in first.tolist()], dec.on_tokens)
+    return pending, drafts
 
 
 def commit_block(dec: Decoder, nodes: Tensor, best: Tensor, accepted: Tensor, final: Tensor) -> None:
@@ -368,45 +390,51 @@ def greedy_step(dec: Decoder, pending: Tensor, draft_logits: Tensor) -> tuple[Te
     return bonus, dec.model.unembed(drafts)
 
 
+def pick_greedy(logits: Tensor) -> tuple[Tensor, Tensor]:
+    return logits[:, 0].argmax(-1), logits[:, 1:]
+
+
 @torch.no_grad()
 def greedy_tree_decode(model: MTPModel, prompts: list[list[int]], max_new_tokens: int, tree: DraftTree, *,
-                       stop_tokens: Collection[int] = (), on_tokens: TokenCallback | None = None) -> SpeculativeResult:
-    """Greedy self-speculative decoding with any draft tree (a chain is the 1-wide tree)."""
-    dec, logits = start_decoder(model, prompts, max_new_tokens, tree, stop_tokens, on_tokens)
+                       stop_tokens: Collection[int] = (), on_tokens: TokenCallback | None = None,
+                       batch_size: int | None = None) -> SpeculativeResult:
+    """Greedy self-speculative decoding with any draft tree (a chain is the 1-wide tree).
+    `batch_size`: continuous batching as in `generate`."""
+    dec, logits = start_decoder(model, prompts, max_new_tokens, tree, stop_tokens, on_tokens, batch_size)
     if logits is None:
         return dec.stats.finish(dec.state)
-    pending = logits[:, 0].argmax(-1)
-    commit_rows(dec.state, dec.state.active_rows(), [[t] for t in pending[dec.state.active_rows()].tolist()],
-                on_tokens)
-    draft_logits = logits[:, 1:]
+    pending, draft_logits = first_tokens(dec, logits, pick_greedy)
     while dec.state.active_rows():
-        pending, draft_logits = greedy_step(dec, pending, draft_logits)
+        pending, draft_logits = refill_rows(dec, pick_greedy, *greedy_step(dec, pending, draft_logits))
     return dec.stats.finish(dec.state)
 
 
 def speculative_generate(model: MTPModel, prompts: list[list[int]], max_new_tokens: int, *,
                          k: int | None = None, temperature: float = 0.0, top_k: int | None = None,
                          top_p: float | None = None, seed: int | None = None,
-                         stop_tokens: Collection[int] = (), on_tokens: TokenCallback | None = None) -> SpeculativeResult:
+                         stop_tokens: Collection[int] = (), on_tokens: TokenCallback | None = None,
+                         batch_size: int | None = None) -> SpeculativeResult:
     """Self-speculative decoding with k drafts from heads 2..k+1 (default n_future - 1).
 
     temperature == 0: greedy blockwise parallel decoding, the same tokens as greedy `generate` in
     fewer forwards. temperature > 0: `speculative_sample`, distributed exactly as `generate` with
-    the same temperature / top_k / top_p."""
+    the same temperature / top_k / top_p. `batch_size`: continuous batching as in `generate`."""
     if temperature != 0:
         return speculative_sample(model, prompts, max_new_tokens, k=k, temperature=temperature, top_k=top_k,
-                                  top_p=top_p, seed=seed, stop_tokens=stop_tokens, on_tokens=on_tokens)
+                                  top_p=top_p, seed=seed, stop_tokens=stop_tokens, on_tokens=on_tokens,
+                                  batch_size=batch_size)
     return greedy_tree_decode(model, prompts, max_new_tokens, chain_for(model, k),
-                              stop_tokens=stop_tokens, on_tokens=on_tokens)
+                              stop_tokens=stop_tokens, on_tokens=on_tokens, batch_size=batch_size)
 
 
 def tree_generate(model: MTPModel, prompts: list[list[int]], max_new_tokens: int, *,
                   tree: DraftTree | Sequence[int] | None = None, stop_tokens: Collection[int] = (),
-                  on_tokens: TokenCallback | None = None) -> SpeculativeResult:
+                  on_tokens: TokenCallback | None = None, batch_size: int | None = None) -> SpeculativeResult:
     """Greedy Medusa-style tree decoding; `tree` is a DraftTree or per-depth widths such as
     (3, 2, 1) (default: DEFAULT_TREE fitted to the model). Same tokens as greedy `generate`."""
     tree = default_tree(model.cfg.n_future) if tree is None else as_tree(tree)
-    return greedy_tree_decode(model, prompts, max_new_tokens, tree, stop_tokens=stop_tokens, on_tokens=on_tokens)
+    return greedy_tree_decode(model, prompts, max_new_tokens, tree, stop_tokens=stop_tokens, on_tokens=on_tokens,
+                              batch_size=batch_size)
 
 
 # ----- speculative sampling (chain) -------------------------------------------------------------
@@ -469,26 +497,29 @@ def sampling_step(dec: Decoder, sampling: Sampling, pending: Tensor, q: Tensor,
 def speculative_sample(model: MTPModel, prompts: list[list[int]], max_new_tokens: int, *,
                        k: int | None = None, temperature: float = 1.0, top_k: int | None = None,
                        top_p: float | None = None, seed: int | None = None,
-                       stop_tokens: Collection[int] = (), on_tokens: TokenCallback | None = None) -> SpeculativeResult:
+                       stop_tokens: Collection[int] = (), on_tokens: TokenCallback | None = None,
+                       batch_size: int | None = None) -> SpeculativeResult:
     """Speculative sampling with k drafts from heads 2..k+1: the output is distributed exactly as
     `generate` with the same temperature / top_k / top_p (temperature 0 gives greedy tokens)."""
     check_sampling(temperature, top_k, top_p)
     sampling = Sampling(temperature, top_k, top_p)
-    dec, logits = start_decoder(model, prompts, max_new_tokens, chain_for(model, k), stop_tokens, on_tokens)
+    dec, logits = start_decoder(model, prompts, max_new_tokens, chain_for(model, k), stop_tokens, on_tokens,
+                                batch_size)
     if logits is None:
         return dec.stats.finish(dec.state)
     generator = make_generator(seed, logits.device)
-    pending = draw(sampling.probs(logits[:, 0]), generator)
-    rows = dec.state.active_rows()
-    commit_rows(dec.state, rows, [[t] for t in pending[rows].tolist()], on_tokens)
-    q = sampling.probs(logits[:, 1:])
+
+    def pick(logits: Tensor) -> tuple[Tensor, Tensor]:
+        return draw(sampling.probs(logits[:, 0]), generator), sampling.probs(logits[:, 1:])
+
+    pending, q = first_tokens(dec, logits, pick)
     while dec.state.active_rows():
-        pending, q = sampling_step(dec, sampling, pending, q, generator)
+        pending, q = refill_rows(dec, pick, *sampling_step(dec, sampling, pending, q, generator))
     return dec.stats.finish(dec.state)
 
 
 # ----- benchmark --------------------------------------------------------------------------------
-Runner = Callable[[list[list[int]], int], GenerationResult]
+Runner = Callable[[list[list[int]], int, int], GenerationResult]  # (prompts, max_new_tokens, batch_size)
 
 
 def default_modes(model: MTPModel) -> list[str]:
@@ -500,15 +531,15 @@ def default_modes(model: MTPModel) -> list[str]:
 def mode_runner(model: MTPModel, mode: str) -> Runner:
     """greedy | spec<k> (chain of k drafts) | tree (default tree) | tree:3,2,1 (given widths)."""
     if mode == "greedy":
-        return lambda prompts, n: generate(model, prompts, n)
+        return lambda prompts, n, batch: generate(model, prompts, n, batch_size=batch)
     if mode.startswith("spec") and mode[4:].isdigit():
         k = int(mode[4:])
         chain_for(model, k)  # fail before timing anything
-        return lambda prompts, n: speculative_generate(model, prompts, n, k=k)
+        return lambda prompts, n, batch: speculative_generate(model, prompts, n, k=k, batch_size=batch)
     if mode == "tree" or mode.startswith("tree:"):
         tree = default_tree(model.cfg.n_future) if mode == "tree" else parse_tree(mode[5:])
         check_tree(model, tree)
-        return lambda prompts, n: tree_generate(model, prompts, n, tree=tree)
+        return lambda prompts, n, batch: tree_generate(model, prompts, n, tree=tree, batch_size=batch)
     raise GenerationError(f"unknown decoding mode {mode!r}; use greedy, spec<k>, tree or tree:3,2,1")
 
 
@@ -521,81 +552,65 @@ def parse_tree(text: str) -> DraftTree:
 
 @dataclass
 class ModeRun:
-    """One mode's outputs over all batches, and its best wall time."""
+    """One mode's result, its best wall time and its FLOPs."""
 
-    tokens: list[list[int]] = field(default_factory=list)
-    row_forwards: list[int] = field(default_factory=list)
-    forwards: int = 0  # batch passes (prefill included): a batch waits for its slowest row
+    result: GenerationResult
+    seconds: float
     flops: float = 0.0  # matmul/attention FLOPs of the whole run (FlopCounterMode, untimed run)
-    attempts: list[int] = field(default_factory=list)
-    accepts: list[int] = field(default_factory=list)
-    seconds: float = math.inf
-
-    def add(self, result: GenerationResult) -> None:
-        self.tokens += result.tokens
-        self.row_forwards += result.row_forwards
-        self.forwards += result.forwards
-        if isinstance(result, SpeculativeResult):
-            if not self.attempts:
-                self.attempts = [0] * len(result.draft_attempts)
-                self.accepts = [0] * len(result.draft_accepts)
-            self.attempts = [a + b for a, b in zip(self.attempts, result.draft_attempts)]
-            self.accepts = [a + b for a, b in zip(self.accepts, result.draft_accepts)]
 
 
-def time_mode(run: Runner, batches: list[list[list[int]]], max_new_tokens: int) -> tuple[float, ModeRun]:
-    out = ModeRun()
+def time_mode(run: Runner, prompts: list[list[int]], max_new_tokens: int, batch_size: int) -> ModeRun:
     start = time.perf_counter()
-    for batch in batches:
-        out.add(run(batch, max_new_tokens))
-    return time.perf_counter() - start, out
+    result = run(prompts, max_new_tokens, batch_size)
+    return ModeRun(result, time.perf_counter() - start)
 
 
 def decode_benchmark(model: MTPModel, prompts: list[list[int]], max_new_tokens: int, modes: list[str],
                      batch_size: int = 1, *, repeats: int = 1, warmup_tokens: int = 8) -> list[dict[str, Any]]:
-    """Decode the same prompts with plain greedy and each mode; one row per mode (greedy first):
-    mode, batch, tokens, seconds, tokens_per_s, tokens_per_forward, speedup (vs greedy tokens/s),
-    acceptance (per draft head 2.., P(accepted | earlier drafts accepted)), matches_greedy, and
-    the speedup taken apart: speedup = fewer_steps / step_cost, where fewer_steps is greedy's batch
-    passes over this mode's, step_cost the time of one pass relative to a greedy pass, and
-    step_flops its FLOPs relative to a greedy pass (what a pass costs where compute is the limit).
+    """Decode the same prompts with plain greedy and each mode, `batch_size` rows at a time with
+    continuous batching; one row per mode (greedy first): mode, batch, tokens, seconds,
+    tokens_per_s, tokens_per_forward, speedup (vs greedy tokens/s), acceptance (per draft head
+    2.., P(accepted | earlier drafts accepted)), matches_greedy, and the speedup taken apart:
+    speedup = fewer_steps / step_cost, where fewer_steps is greedy's batch passes over this
+    mode's, step_cost the time of one pass relative to a greedy pass, and step_flops its FLOPs
+    relative to a greedy pass (what a pass costs where compute is the limit).
     Every mode is warmed up first; timings are the best of `repeats`, modes interleaved."""
     names = ["greedy"] + [m for m in dict.fromkeys(modes) if m != "greedy"]
     runners = {m: mode_runner(model, m) for m in names}
-    batches = [prompts[i : i + batch_size] for i in range(0, len(prompts), batch_size)]
     for run in runners.values():
-        run(batches[0], min(warmup_tokens, max_new_tokens))
+        run(prompts[:batch_size], min(warmup_tokens, max_new_tokens), batch_size)
     runs: dict[str, ModeRun] = {}
     for _ in range(max(1, repeats)):
         for name, run in runners.items():
-            seconds, out = time_mode(run, batches, max_new_tokens)
-            if name not in runs or seconds < runs[name].seconds:
-                out.seconds = seconds
+            out = time_mode(run, prompts, max_new_tokens, batch_size)
+            if name not in runs or out.seconds < runs[name].seconds:
                 runs[name] = out
     for name, run in runners.items():  # counted apart: the counter slows the run down
         with FlopCounterMode(display=False) as counter:
-            time_mode(run, batches, max_new_tokens)
+            time_mode(run, prompts, max_new_tokens, batch_size)
         runs[name].flops = float(counter.get_total_flops())
     return [benchmark_row(name, runs[name], runs["greedy"], batch_size) for name in names]
 
 
 def benchmark_row(name: str, run: ModeRun, greedy: ModeRun, batch_size: int) -> dict[str, Any]:
-    n_tokens = sum(map(len, run.tokens))
+    res, ref = run.result, greedy.result
+    n_tokens = sum(map(len, res.tokens))
     rate = n_tokens / run.seconds if run.seconds > 0 else math.inf
-    greedy_rate = sum(map(len, greedy.tokens)) / greedy.seconds if greedy.seconds > 0 else math.inf
+    greedy_rate = sum(map(len, ref.tokens)) / greedy.seconds if greedy.seconds > 0 else math.inf
+    rates = res.acceptance_rates if isinstance(res, SpeculativeResult) else []
     return {
         "mode": name,
         "batch": batch_size,
         "tokens": n_tokens,
         "seconds": run.seconds,
         "tokens_per_s": rate,
-        "tokens_per_forward": n_tokens / max(1, sum(run.row_forwards)),
+        "tokens_per_forward": res.tokens_per_forward,
         "speedup": rate / greedy_rate,
-        "acceptance": [a / n if n else math.nan for a, n in zip(run.accepts, run.attempts)],
-        "matches_greedy": run.tokens == greedy.tokens,
-        "fewer_steps": greedy.forwards / run.forwards,
-        "step_cost": (run.seconds / run.forwards) / (greedy.seconds / greedy.forwards),
-        "step_flops": (run.flops / run.forwards) / (greedy.flops / greedy.forwards) if greedy.flops else math.nan,
+        "acceptance": rates,
+        "matches_greedy": res.tokens == ref.tokens,
+        "fewer_steps": ref.forwards / res.forwards,
+        "step_cost": (run.seconds / res.forwards) / (greedy.seconds / ref.forwards),
+        "step_flops": (run.flops / res.forwards) / (greedy.flops / ref.forwards) if greedy.flops else math.nan,
     }
 
 
