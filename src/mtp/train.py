@@ -112,8 +112,12 @@ def init_model(cfg: TrainConfig, vocab_size: int) -> MTPModel:
         raise ConfigError(f"{cfg.init_from} has vocab_size={old.vocab_size}, smaller than the data's tokenizer ({vocab_size})")
     layers = old.n_trunk + (0 if old.head_type == "linear" else cfg.n_future)
     new_cfg = ModelConfig.from_dict({**old.to_dict(), "n_future": cfg.n_future, "n_layers": layers, **cfg.model})
-    if new_cfg.n_trunk != old.n_trunk or new_cfg.head_type != old.head_type:
-        raise ConfigError("init_from keeps the trunk and head type; only n_future may change")
+    # parallel <-> causal only rewires the same blocks (head i reads the trunk or head i-1); head 1
+    # reads the trunk either way, so the model's own next-token output is kept.
+    rewire = {old.head_type, new_cfg.head_type} <= {"parallel", "causal"}
+    if new_cfg.n_trunk != old.n_trunk or (new_cfg.head_type != old.head_type and not rewire):
+        raise ConfigError("init_from keeps the trunk and head type (parallel and causal heads may swap); "
+                          "only n_future may change")
     model = MTPModel(new_cfg)
     state = base.state_dict()
     for i in range(new_cfg.n_future):
