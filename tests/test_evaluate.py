@@ -216,3 +216,38 @@ def test_head_metrics_agree_with_loss():
     assert res["prefix_acc"][0] == 1.0
     assert res["prefix_acc"][1] >= res["prefix_acc"][2]
     assert res["est_tokens_per_forward"] == pytest.approx(1 + sum(res["prefix_acc"][1:]))
+
+
+# ----- code generation for HumanEval / MBPP -------------------------------------------------------
+def test_cut_at_stop_and_prompts():
+    from mtp.evaluate.codegen import cut_at_stop, problem_prompt
+
+    assert cut_at_stop("    return x\n\ndef g():\n    pass\nprint(1)") == "    return x\n"
+    assert cut_at_stop("    return x\n") == "    return x\n"
+    assert cut_at_stop("    y = 1\n# note\nprint(y)") == "    y = 1"
+    mbpp = {"task_id": 2, "text": "Add two numbers.", "test_list": ["assert add(1, 2) == 3"]}
+    assert problem_prompt(mbpp) == '"""\nAdd two numbers.\nassert add(1, 2) == 3\n"""\n'
+    assert problem_prompt({"task_id": "t", "prompt": "def f():\n"}) == "def f():\n"
+
+
+def test_generate_completions_greedy_speculative_and_samples():
+    from mtp.data import byte_tokenizer
+    from mtp.evaluate.codegen import CodegenConfig, cut_at_stop, generate_completions
+    from mtp.generate import generate
+
+    tok = byte_tokenizer()
+    torch.manual_seed(0)
+    model = MTPModel(ModelConfig.from_preset("tiny", n_future=3, vocab_size=tok.vocab_size)).eval()
+    problems = load_humaneval()[:3]
+    greedy = generate_completions(model, tok, problems, CodegenConfig(max_new_tokens=12, batch_size=2))
+    assert list(greedy) == [p["task_id"] for p in problems] and all(len(c) == 1 for c in greedy.values())
+    direct = generate(model, [tok.encode(problems[1]["prompt"])], 12).tokens[0]
+    assert greedy[problems[1]["task_id"]] == [cut_at_stop(tok.decode(direct))]
+    for spec in ("1", "2", "tree"):
+        assert generate_completions(model, tok, problems, CodegenConfig(max_new_tokens=12, speculative=spec)) == greedy
+    sampled = generate_completions(model, tok, problems, CodegenConfig(samples=3, temperature=1.0, max_new_tokens=6))
+    assert all(len(c) == 3 for c in sampled.values())
+    with pytest.raises(ValueError, match="one completion per problem"):
+        generate_completions(model, tok, problems, CodegenConfig(samples=2))
+    with pytest.raises(ValueError, match="number of drafts k or 'tree'"):
+        generate_completions(model, tok, problems, CodegenConfig(speculative="fast"))

