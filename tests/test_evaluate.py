@@ -241,8 +241,9 @@ def test_generate_completions_greedy_speculative_and_samples():
     problems = load_humaneval()[:3]
     greedy = generate_completions(model, tok, problems, CodegenConfig(max_new_tokens=12, batch_size=2))
     assert list(greedy) == [p["task_id"] for p in problems] and all(len(c) == 1 for c in greedy.values())
-    direct = generate(model, [tok.encode(problems[1]["prompt"])], 12).tokens[0]
-    assert greedy[problems[1]["task_id"]] == [cut_at_stop(tok.decode(direct))]
+    stops = [] if tok.eos_id is None else [tok.eos_id]
+    direct = generate(model, [tok.encode(problems[1]["prompt"])], 12, stop_tokens=stops).tokens[0]
+    assert greedy[problems[1]["task_id"]] == [cut_at_stop(tok.decode([t for t in direct if t not in stops]))]
     for spec in ("1", "2", "tree"):
         assert generate_completions(model, tok, problems, CodegenConfig(max_new_tokens=12, speculative=spec)) == greedy
     sampled = generate_completions(model, tok, problems, CodegenConfig(samples=3, temperature=1.0, max_new_tokens=6))

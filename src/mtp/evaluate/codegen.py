@@ -1,7 +1,8 @@
 """Code generation for HumanEval / MBPP: prompts, completions from a model, pass@k.
 
-A completion is decoded for `max_new_tokens` and then cut at the first stop sequence (the
-standard ones for HumanEval-style completions: the next top-level statement ends the function).
+A completion is decoded until the tokenizer's end-of-text token or `max_new_tokens`, then cut at
+the first stop sequence (the usual ones for HumanEval-style completions: the next top-level
+statement ends the function).
 Greedy (temperature 0) gives one completion per problem; self-speculative decoding gives the
 same tokens faster, so `speculative` only changes the speed.
 """
@@ -56,7 +57,8 @@ def generate_completions(model: MTPModel, tokenizer: Any, problems: Sequence[Map
     if cfg.speculative == "tree" and cfg.temperature != 0:
         raise ValueError("tree drafts decode greedily: use --temperature 0 or --speculative k")
     ids = [tokenizer.encode(problem_prompt(p)) for p in problems for _ in range(cfg.samples)]
-    kw = dict(stop_tokens=(), batch_size=cfg.batch_size)
+    eos = getattr(tokenizer, "eos_id", None)
+    kw = dict(stop_tokens=() if eos is None else (eos,), batch_size=cfg.batch_size)
     if cfg.speculative is None:
         res = generate(model, ids, cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                        seed=cfg.seed, **kw)
@@ -68,5 +70,6 @@ def generate_completions(model: MTPModel, tokenizer: Any, problems: Sequence[Map
     out: dict[str, list[str]] = {}
     for i, tokens in enumerate(res.tokens):
         task = str(problems[i // cfg.samples]["task_id"])
-        out.setdefault(task, []).append(cut_at_stop(tokenizer.decode(tokens)))
+        text = tokenizer.decode(tokens[:-1] if tokens and tokens[-1] == eos else tokens)
+        out.setdefault(task, []).append(cut_at_stop(text))
     return out
