@@ -252,3 +252,20 @@ def test_generate_completions_greedy_speculative_and_samples():
         generate_completions(model, tok, problems, CodegenConfig(samples=2))
     with pytest.raises(ValueError, match="number of drafts k or 'tree'"):
         generate_completions(model, tok, problems, CodegenConfig(speculative="fast"))
+
+
+def test_progress_counter_counts_finished_completions():
+    from mtp.evaluate.codegen import ProgressCounter
+
+    class Bar:
+        n = 0
+
+        def update(self, k: int) -> None:
+            self.n += k
+
+    bar = Bar()
+    count = ProgressCounter(bar, max_new_tokens=3, eos=9)
+    count([[1], [2, 9], []])  # row 1 ended with end-of-text
+    count([[1, 1], [], [4]])  # row 0 reached 3 tokens
+    count([[], [], [4, 4]])  # row 2 too
+    assert bar.n == 3

@@ -157,7 +157,7 @@ def cmd_eval_code(args: argparse.Namespace) -> None:
     cfg = CodegenConfig(samples=args.samples, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                         top_p=args.top_p, seed=args.seed, speculative=args.speculative, batch_size=args.batch_size)
     start = time.perf_counter()
-    completions = generate_completions(model.eval(), tok, problems, cfg)
+    completions = generate_completions(model.eval(), tok, problems, cfg, progress=not args.no_progress)
     gen_seconds = time.perf_counter() - start
     ks = [k for k in args.k if k <= args.samples]
     report = evaluate_functional_correctness(problems, completions, ks=ks, workers=args.workers)
@@ -410,6 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     pc.add_argument("--workers", type=int, default=2, help="sandboxed programs run at once")
     pc.add_argument("--device", default="auto")
     pc.add_argument("--out", default=None, help="JSON with the completions and every run's outcome")
+    pc.add_argument("--no-progress", action="store_true")
     pc.set_defaults(func=cmd_eval_code)
 
     pg = sub.add_parser("generate", help="generate text, optionally with self-speculative decoding")

@@ -43,8 +43,25 @@ def cut_at_stop(text: str, stops: Sequence[str] = STOP_SEQUENCES) -> str:
     return text[: min(ends)] if ends else text
 
 
+class ProgressCounter:
+    """on_tokens callback that advances a progress bar by the completions that just finished."""
+
+    def __init__(self, bar: Any, max_new_tokens: int, eos: int | None) -> None:
+        self.bar, self.limit, self.eos = bar, max_new_tokens, eos
+        self.lengths: dict[int, int] = {}
+
+    def __call__(self, new: list[list[int]]) -> None:
+        done = 0
+        for i, tokens in enumerate(new):
+            if tokens:
+                self.lengths[i] = self.lengths.get(i, 0) + len(tokens)
+                done += self.lengths[i] >= self.limit or tokens[-1] == self.eos
+        if done:
+            self.bar.update(done)
+
+
 def generate_completions(model: MTPModel, tokenizer: Any, problems: Sequence[Mapping[str, Any]],
-                         cfg: CodegenConfig) -> dict[str, list[str]]:
+                         cfg: CodegenConfig, progress: bool = False) -> dict[str, list[str]]:
     """task_id -> `cfg.samples` completions, each cut at the first stop sequence."""
     from ..speculative import speculative_generate, tree_generate
 
@@ -58,7 +75,13 @@ def generate_completions(model: MTPModel, tokenizer: Any, problems: Sequence[Map
         raise ValueError("tree drafts decode greedily: use --temperature 0 or --speculative k")
     ids = [tokenizer.encode(problem_prompt(p)) for p in problems for _ in range(cfg.samples)]
     eos = getattr(tokenizer, "eos_id", None)
-    kw = dict(stop_tokens=() if eos is None else (eos,), batch_size=cfg.batch_size)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(ids), desc="completions", unit="done", dynamic_ncols=True)
+    kw = dict(stop_tokens=() if eos is None else (eos,), batch_size=cfg.batch_size,
+              on_tokens=None if bar is None else ProgressCounter(bar, cfg.max_new_tokens, eos))
     if cfg.speculative is None:
         res = generate(model, ids, cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                        seed=cfg.seed, **kw)
@@ -67,6 +90,8 @@ def generate_completions(model: MTPModel, tokenizer: Any, problems: Sequence[Map
     else:
         res = speculative_generate(model, ids, cfg.max_new_tokens, k=int(cfg.speculative),
                                    temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed, **kw)
+    if bar is not None:
+        bar.close()
     out: dict[str, list[str]] = {}
     for i, tokens in enumerate(res.tokens):
         task = str(problems[i // cfg.samples]["task_id"])
