@@ -228,6 +228,9 @@ def test_cut_at_stop_and_prompts():
     mbpp = {"task_id": 2, "text": "Add two numbers.", "test_list": ["assert add(1, 2) == 3"]}
     assert problem_prompt(mbpp) == '"""\nAdd two numbers.\nassert add(1, 2) == 3\n"""\n'
     assert problem_prompt({"task_id": "t", "prompt": "def f():\n"}) == "def f():\n"
+    chat = "<user>\n{prompt}<end>\n<assistant>\n{prompt}"
+    assert problem_prompt({"task_id": "t", "prompt": "def f():\n"}, chat) == "<user>\ndef f():\n<end>\n<assistant>\ndef f():\n"
+    assert cut_at_stop("    return 1\n```\nThis function") == "    return 1\n"
 
 
 def test_generate_completions_greedy_speculative_and_samples():

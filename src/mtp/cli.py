@@ -155,7 +155,8 @@ def cmd_eval_code(args: argparse.Namespace) -> None:
     if tok is None:
         raise ValueError(f"{args.checkpoint} has no tokenizer.json; cannot encode the problems")
     cfg = CodegenConfig(samples=args.samples, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                        top_p=args.top_p, seed=args.seed, speculative=args.speculative, batch_size=args.batch_size)
+                        top_p=args.top_p, seed=args.seed, speculative=args.speculative, batch_size=args.batch_size,
+                        template=(args.template or "{prompt}").replace("\\n", "\n").replace("\\t", "\t"))
     start = time.perf_counter()
     completions = generate_completions(model.eval(), tok, problems, cfg, progress=not args.no_progress)
     gen_seconds = time.perf_counter() - start
@@ -411,6 +412,8 @@ def build_parser() -> argparse.ArgumentParser:
     pc.add_argument("--device", default="auto")
     pc.add_argument("--out", default=None, help="JSON with the completions and every run's outcome")
     pc.add_argument("--no-progress", action="store_true")
+    pc.add_argument("--template", default=None,
+                    help="what the model sees, {prompt} = the problem's prompt; \\n escapes (chat models)")
     pc.set_defaults(func=cmd_eval_code)
 
     pg = sub.add_parser("generate", help="generate text, optionally with self-speculative decoding")

@@ -15,7 +15,7 @@ from typing import Any, Mapping, Sequence
 from ..generate import generate
 from ..model import MTPModel
 
-STOP_SEQUENCES = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert ")
+STOP_SEQUENCES = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert ", "```")
 
 
 @dataclass(frozen=True)
@@ -27,14 +27,21 @@ class CodegenConfig:
     seed: int = 0
     speculative: str | None = None  # None (plain decoding), a number of drafts k, or "tree" (greedy only)
     batch_size: int = 8  # rows decoded at once (continuous batching)
+    # What the model sees: {prompt} is the problem's prompt. Chat models need their own format,
+    # ending with the prompt again so the answer continues the function (see `problem_prompt`).
+    template: str = "{prompt}"
 
 
-def problem_prompt(problem: Mapping[str, Any]) -> str:
+def problem_prompt(problem: Mapping[str, Any], template: str = "{prompt}") -> str:
     """HumanEval: the given prompt (signature + docstring). MBPP: the task text and its first test
-    as a docstring; the model then writes the whole function."""
+    as a docstring; the model then writes the whole function. Put into `template`, e.g. for a
+    chat model '<|im_start|>user\nComplete:\n{prompt}<|im_end|>\n<|im_start|>assistant\n{prompt}':
+    the completion is scored after the problem's own prompt either way."""
     if "prompt" in problem:
-        return str(problem["prompt"])
-    return f'"""\n{problem["text"]}\n{problem["test_list"][0]}\n"""\n'
+        prompt = str(problem["prompt"])
+    else:
+        prompt = f'"""\n{problem["text"]}\n{problem["test_list"][0]}\n"""\n'
+    return template.replace("{prompt}", prompt)
 
 
 def cut_at_stop(text: str, stops: Sequence[str] = STOP_SEQUENCES) -> str:
@@ -73,7 +80,9 @@ def generate_completions(model: MTPModel, tokenizer: Any, problems: Sequence[Map
         raise ValueError(f"speculative takes a number of drafts k or 'tree', got {cfg.speculative!r}")
     if cfg.speculative == "tree" and cfg.temperature != 0:
         raise ValueError("tree drafts decode greedily: use --temperature 0 or --speculative k")
-    ids = [tokenizer.encode(problem_prompt(p)) for p in problems for _ in range(cfg.samples)]
+    if "{prompt}" not in cfg.template:
+        raise ValueError("the prompt template must contain {prompt}")
+    ids = [tokenizer.encode(problem_prompt(p, cfg.template)) for p in problems for _ in range(cfg.samples)]
     eos = getattr(tokenizer, "eos_id", None)
     bar = None
     if progress:
