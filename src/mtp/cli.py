@@ -30,6 +30,11 @@ def _parse_pairs(pairs: Sequence[str] | None, flag: str) -> dict[str, Any]:
     return out
 
 
+def _unescape(text: str) -> str:
+    """\\n typed on a command line or in a prompt file -> a newline."""
+    return text.replace("\\n", "\n")
+
+
 def _optional_int(text: str) -> int | None:
     return None if text.lower() in ("none", "null", "off", "0") else int(text)
 
@@ -156,7 +161,7 @@ def cmd_eval_code(args: argparse.Namespace) -> None:
         raise ValueError(f"{args.checkpoint} has no tokenizer.json; cannot encode the problems")
     cfg = CodegenConfig(samples=args.samples, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                         top_p=args.top_p, seed=args.seed, speculative=args.speculative, batch_size=args.batch_size,
-                        template=(args.template or "{prompt}").replace("\\n", "\n").replace("\\t", "\t"))
+                        template=_unescape(args.template or "{prompt}"))
     start = time.perf_counter()
     completions = generate_completions(model.eval(), tok, problems, cfg, progress=not args.no_progress)
     gen_seconds = time.perf_counter() - start
@@ -208,7 +213,7 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
         if not path.exists():
             raise ValueError(f"prompt file {path} does not exist")
         text = path.read_text()
-        prompts.extend(json.loads(line)["prompt"] if line.lstrip().startswith("{") else line.replace("\\n", "\n")
+        prompts.extend(json.loads(line)["prompt"] if line.lstrip().startswith("{") else _unescape(line)
                        for line in text.splitlines() if line.strip())
     return prompts
 

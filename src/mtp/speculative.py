@@ -254,8 +254,7 @@ def verify_forward(model: MTPModel, tree: DraftTree, tables: TreeTables, block: 
     return model.trunk_and_heads(nodes, block.positions, slots=block.slots, mask=mask, heads=heads)
 
 
-def draft_hidden(model: MTPModel, tree: DraftTree, tables: TreeTables, block: Block, z: Tensor, hidden: Tensor,
-                 best: Tensor, accepted: Tensor, cache_len: int) -> Tensor:
+def draft_hidden(dec: "Decoder", block: Block, z: Tensor, hidden: Tensor, best: Tensor, accepted: Tensor) -> Tensor:
     """Heads 2..depth+1 at each row's accepted node (B, depth, dim), the next step's drafts.
 
     Runs those heads over the accepted path (the chosen token and the accepted drafts, already in
@@ -266,11 +265,11 @@ def draft_hidden(model: MTPModel, tree: DraftTree, tables: TreeTables, block: Bl
     if hidden.shape[2] > 1:  # anticausal: every head ran at every node
         return hidden[rows, best, 1:]
     length = int(accepted[block.active].max()) + 1 if bool(block.active.any()) else 1
-    path = tables.path[best][:, :length]  # (B, L) nodes of the accepted path (padded with the last)
+    path = dec.tables.path[best][:, :length]  # (B, L) nodes of the accepted path (padded with the last)
     gather = path[:, :, None].expand(-1, -1, z.shape[-1])
     positions = block.base[:, None] + torch.arange(length, device=z.device)
-    out = model.later_heads(z.gather(1, gather), [hidden[:, :, 0].gather(1, gather)], positions,
-                            tree.depth + 1, slots=scratch_slots(positions, cache_len))
+    out = dec.model.later_heads(z.gather(1, gather), [hidden[:, :, 0].gather(1, gather)], positions,
+                                dec.tree.depth + 1, slots=scratch_slots(positions, dec.cache_len))
     return out[rows, accepted.clamp(max=length - 1)]
 
 
@@ -386,7 +385,7 @@ def greedy_step(dec: Decoder, pending: Tensor, draft_logits: Tensor) -> tuple[Te
     dec.stats.update(accepted, max_useful_depth(block, dec.tables), block.active)
     dec.state.count_forward()
     commit_block(dec, nodes, best, accepted, bonus)
-    drafts = draft_hidden(dec.model, dec.tree, dec.tables, block, z, hidden, best, accepted, dec.cache_len)
+    drafts = draft_hidden(dec, block, z, hidden, best, accepted)
     return bonus, dec.model.unembed(drafts)
 
 
@@ -489,7 +488,7 @@ def sampling_step(dec: Decoder, sampling: Sampling, pending: Tensor, q: Tensor,
     dec.stats.update(accepted, max_depth, block.active)
     dec.state.count_forward()
     commit_block(dec, nodes, accepted, accepted, final)  # in a chain, node index == depth
-    drafts = draft_hidden(dec.model, dec.tree, dec.tables, block, z, hidden, accepted, accepted, dec.cache_len)
+    drafts = draft_hidden(dec, block, z, hidden, accepted, accepted)
     return final, sampling.probs(dec.model.unembed(drafts))
 
 
