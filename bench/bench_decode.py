@@ -4,6 +4,7 @@
     python bench/bench_decode.py --train-steps 0     # the same model untrained
     python bench/bench_decode.py --n-layers 16       # deeper trunk: heads are a smaller share
     python bench/bench_decode.py --checkpoint DIR    # a saved model (mtp.checkpoint.load_model)
+    python bench/bench_decode.py --checkpoint DIR --dtype bf16 --ratio-only   # verify cost in bf16
 
 Prints, for each batch size, the time of a cached forward of 1 token vs 5 tokens measured side by
 side (what a verify pass costs relative to a greedy step), then the decode table: tokens/s,
@@ -93,6 +94,9 @@ def main() -> None:
     ap.add_argument("--modes", nargs="+", help="default: greedy, spec1..spec<n-1>, tree")
     ap.add_argument("--repeats", type=int, default=1, help="best of this many timed runs")
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                    help="weights and cache dtype (bf16 output may differ from fp32 greedy)")
+    ap.add_argument("--ratio-only", action="store_true", help="only the 5-vs-1 token forward times")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -102,17 +106,21 @@ def main() -> None:
     else:
         model = synthetic_model(args.train_steps, args.preset, args.n_layers)
         base_prompts = synthetic_prompts(args.prompts, model.cfg.vocab_size)
+    if args.dtype == "bf16":
+        model = model.to(torch.bfloat16)
     prompts = [base_prompts[i % len(base_prompts)] for i in range(args.prompts)]
     modes = args.modes or default_modes(model)
     cfg = model.cfg
     print(f"model: dim={cfg.dim} layers={cfg.n_layers} n_future={cfg.n_future} vocab={cfg.vocab_size} "
-          f"params={model.num_params() / 1e6:.2f}M  threads={torch.get_num_threads()}")
+          f"params={model.num_params() / 1e6:.2f}M  {args.dtype}  threads={torch.get_num_threads()}")
 
     for batch in args.batch_sizes:
         t = forward_time_ratio(model, batch_size=batch, context=32, n_tokens=5)
         print(f"\nbatch {batch}: cached forward, 1 token head 1 {t['t1'] * 1e3:.2f} ms | 1 token all heads "
               f"{t['t1_all'] * 1e3:.2f} ms | 5 tokens all heads {t['tn'] * 1e3:.2f} ms | "
               f"5-vs-1 ratio {t['ratio']:.2f} (vs a greedy step {t['step_ratio']:.2f})")
+        if args.ratio_only:
+            continue
         rows = decode_benchmark(model, prompts, args.max_new_tokens, modes, batch_size=batch, repeats=args.repeats)
         print(format_table(rows), flush=True)
 

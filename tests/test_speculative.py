@@ -10,6 +10,7 @@ flip an argmax on a near tie; in float64 the logits agree to ~1e-15.
 from __future__ import annotations
 
 import math
+import time
 from collections import Counter
 from typing import Callable
 
@@ -461,6 +462,20 @@ def test_speculative_sampling_preserves_the_distribution(sampling, k, n, monkeyp
 
 
 # ----- benchmark helpers ------------------------------------------------------------------------
+def test_model_timer_counts_model_calls_and_unwraps(trained):
+    tokens = torch.randint(trained.cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(3))
+    with spec_mod.ModelTimer(trained) as timer:
+        start = time.perf_counter()
+        trained(tokens)
+        wall = time.perf_counter() - start
+        assert "unembed" in vars(trained)
+    assert 0 < timer.seconds <= wall
+    assert not set(spec_mod.ModelTimer.METHODS) & set(vars(trained))  # the class methods again
+    before = timer.seconds
+    trained(tokens)
+    assert timer.seconds == before
+
+
 def test_decode_benchmark_rows_and_table(trained):
     prompts = trained_prompts(4, seed=11)
     rows = decode_benchmark(trained, prompts, 12, ["spec1", "spec3", "tree", "tree:2,2"], batch_size=2)
@@ -473,6 +488,8 @@ def test_decode_benchmark_rows_and_table(trained):
         assert r["speedup"] == pytest.approx(r["fewer_steps"] / r["step_cost"])
         assert r["fewer_steps"] > 1.0 and r["step_flops"] > 1.0
     assert rows[2]["step_flops"] > rows[1]["step_flops"]  # 4 tokens verified per pass vs 2
+    assert rows[0]["step_model"] == 1.0
+    assert all(0 < r["outside_model"] < 1 and r["step_model"] > 0 for r in rows)
     table = format_table(rows)
     lines = table.splitlines()
     assert len(lines) == 2 + len(rows) and len({len(line) for line in lines}) == 1

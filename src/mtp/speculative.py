@@ -551,17 +551,59 @@ def parse_tree(text: str) -> DraftTree:
 
 @dataclass
 class ModeRun:
-    """One mode's result, its best wall time and its FLOPs."""
+    """One mode's result, its best wall time, the part of it spent in the model, and its FLOPs."""
 
     result: GenerationResult
     seconds: float
+    model_seconds: float = 0.0  # inside the model's forward methods (see `ModelTimer`)
     flops: float = 0.0  # matmul/attention FLOPs of the whole run (FlopCounterMode, untimed run)
 
 
-def time_mode(run: Runner, prompts: list[list[int]], max_new_tokens: int, batch_size: int) -> ModeRun:
-    start = time.perf_counter()
-    result = run(prompts, max_new_tokens, batch_size)
-    return ModeRun(result, time.perf_counter() - start)
+class ModelTimer:
+    """Adds up the wall time spent inside the model's forward methods while active, so a decoding
+    run splits into model work and everything around it (drafting, acceptance, bookkeeping).
+    Wraps the instance's methods; nested calls (forward -> hidden -> trunk_and_heads) count once.
+    On CUDA every outermost call synchronizes, which makes the run itself slower."""
+
+    METHODS = ("trunk_and_heads", "later_heads", "unembed", "cache_move")
+
+    def __init__(self, model: MTPModel) -> None:
+        self.model, self.seconds, self.depth = model, 0.0, 0
+        self.sync = next(model.parameters()).device.type == "cuda"
+
+    def wrap(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            if self.depth:
+                return fn(*args, **kwargs)
+            self.depth += 1
+            start = time.perf_counter()
+            try:
+                out = fn(*args, **kwargs)
+                if self.sync:
+                    torch.cuda.synchronize()
+                return out
+            finally:
+                self.seconds += time.perf_counter() - start
+                self.depth -= 1
+        return timed
+
+    def __enter__(self) -> "ModelTimer":
+        for name in self.METHODS:
+            setattr(self.model, name, self.wrap(getattr(self.model, name)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for name in self.METHODS:
+            delattr(self.model, name)  # the class's method shows through again
+
+
+def time_mode(model: MTPModel, run: Runner, prompts: list[list[int]], max_new_tokens: int,
+              batch_size: int) -> ModeRun:
+    with ModelTimer(model) as timer:
+        start = time.perf_counter()
+        result = run(prompts, max_new_tokens, batch_size)
+        seconds = time.perf_counter() - start
+    return ModeRun(result, seconds, timer.seconds)
 
 
 def decode_benchmark(model: MTPModel, prompts: list[list[int]], max_new_tokens: int, modes: list[str],
@@ -581,12 +623,12 @@ def decode_benchmark(model: MTPModel, prompts: list[list[int]], max_new_tokens: 
     runs: dict[str, ModeRun] = {}
     for _ in range(max(1, repeats)):
         for name, run in runners.items():
-            out = time_mode(run, prompts, max_new_tokens, batch_size)
+            out = time_mode(model, run, prompts, max_new_tokens, batch_size)
             if name not in runs or out.seconds < runs[name].seconds:
                 runs[name] = out
     for name, run in runners.items():  # counted apart: the counter slows the run down
         with FlopCounterMode(display=False) as counter:
-            time_mode(run, prompts, max_new_tokens, batch_size)
+            time_mode(model, run, prompts, max_new_tokens, batch_size)
         runs[name].flops = float(counter.get_total_flops())
     return [benchmark_row(name, runs[name], runs["greedy"], batch_size) for name in names]
 
@@ -610,16 +652,20 @@ def benchmark_row(name: str, run: ModeRun, greedy: ModeRun, batch_size: int) -> 
         "fewer_steps": ref.forwards / res.forwards,
         "step_cost": (run.seconds / res.forwards) / (greedy.seconds / ref.forwards),
         "step_flops": (run.flops / res.forwards) / (greedy.flops / ref.forwards) if greedy.flops else math.nan,
+        "step_model": (run.model_seconds / res.forwards) / (greedy.model_seconds / ref.forwards)
+        if greedy.model_seconds > 0 else math.nan,
+        "outside_model": 1 - run.model_seconds / run.seconds if run.seconds > 0 else math.nan,
     }
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     """Plain-text table of `decode_benchmark` rows, columns aligned."""
-    header = ["mode", "batch", "tok/s", "tok/fwd", "speedup", "fewer steps", "step time", "step FLOPs",
-              "accept h2/h3/..", "same as greedy"]
+    header = ["mode", "batch", "tok/s", "tok/fwd", "speedup", "fewer steps", "step time", "step model",
+              "step FLOPs", "outside model", "accept h2/h3/..", "same as greedy"]
     lines = [header] + [[
         str(r["mode"]), str(r["batch"]), f"{r['tokens_per_s']:.1f}", f"{r['tokens_per_forward']:.2f}",
-        f"{r['speedup']:.2f}x", f"{r['fewer_steps']:.2f}x", f"{r['step_cost']:.2f}x", f"{r['step_flops']:.2f}x",
+        f"{r['speedup']:.2f}x", f"{r['fewer_steps']:.2f}x", f"{r['step_cost']:.2f}x", f"{r['step_model']:.2f}x",
+        f"{r['step_flops']:.2f}x", f"{100 * r['outside_model']:.0f}%",
         "/".join("-" if math.isnan(a) else f"{a:.2f}" for a in r["acceptance"]) or "-",
         "yes" if r["matches_greedy"] else "NO",
     ] for r in rows]
