@@ -1,7 +1,8 @@
 """Small-scale reproductions of the paper's studies; `run_experiment(name, ...)` runs one.
 
 Each writes results.json, results.md and PNG plots into its out dir (see `common`). Scales:
-quick (plumbing only, about a minute), medium (a reduced run), default (about an hour on 2 cores).
+quick (plumbing only, about a minute), medium (a reduced run), default (about an hour on 2 cores,
+sized from measured step times).
 """
 
 from __future__ import annotations

@@ -23,9 +23,9 @@ from . import common
 class Settings:
     tokenizer: str = "byte"  # byte | bpe
     vocab_size: int = 2048  # BPE only
-    max_bytes: int = 3_000_000  # corpus size (the stdlib's Python source, capped)
+    max_bytes: int = 1_000_000  # corpus size (the stdlib's Python source, capped)
     model: dict[str, Any] = field(default_factory=lambda: dict(dim=128, n_layers=10, n_heads=4))
-    steps: int = 1500
+    steps: int = 600
     batch_size: int = 16
     seq_len: int = 256
     lr: float = 2e-3
@@ -44,10 +44,10 @@ def settings(scale: str, tokenizer: str = "byte") -> Settings:
         return Settings(tokenizer=tokenizer, n_values=n_values, max_bytes=150_000, vocab_size=512,
                         model=dict(dim=32, n_layers=9, n_heads=2), steps=10, batch_size=4, seq_len=64, warmup=2,
                         eval_batches=2, prompts=2, prompt_len=16, max_new_tokens=16)
-    if scale == "medium":
-        return Settings(tokenizer=tokenizer, n_values=n_values, max_bytes=1_000_000, steps=600)
-    # Same token budget for both: choose-n trains 5 models, bytes 4.
-    return Settings(tokenizer=tokenizer, n_values=n_values, steps=1500 if tokenizer == "byte" else 1200)
+    # Default and medium are one setting, sized from measured runs (docs/results.md): 16-21 min per
+    # byte model and about 20 per BPE model on one busy core, so about an hour on 2 cores. Longer
+    # runs: --set steps=1500 --set max_bytes=3000000.
+    return Settings(tokenizer=tokenizer, n_values=n_values, max_bytes=1_000_000, steps=600)
 
 
 def decode_prompts(data_dir: Path, count: int, length: int) -> list[list[int]]:
