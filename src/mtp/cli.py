@@ -461,7 +461,8 @@ def build_parser() -> argparse.ArgumentParser:
     pxp.add_argument("name", choices=["induction", "polynomial", "bytes", "choose-n"])
     size = pxp.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="tiny settings that only check the plumbing (~1 min)")
-    size.add_argument("--medium", action="store_true", help="a reduced run (default: about an hour on 2 cores; the same as medium for bytes and choose-n)")
+    size.add_argument("--medium", action="store_true",
+                      help="a reduced run (default: about an hour on 2 cores; bytes and choose-n: the same)")
     pxp.add_argument("--out", default=None, help="output directory (default: runs/experiments/NAME-SCALE)")
     pxp.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds (default: the scale's)")
     pxp.add_argument("--threads", type=int, default=None, help="torch intra-op threads")

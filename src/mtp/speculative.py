@@ -562,7 +562,8 @@ class ModeRun:
 class ModelTimer:
     """Adds up the wall time spent inside the model's forward methods while active, so a decoding
     run splits into model work and everything around it (drafting, acceptance, bookkeeping).
-    Wraps the instance's methods; nested calls (forward -> hidden -> trunk_and_heads) count once.
+    Wraps the instance's methods (`model(...)` reaches trunk_and_heads and unembed); a wrapped
+    method called from inside another counts once.
     On CUDA every outermost call synchronizes, which makes the run itself slower."""
 
     METHODS = ("trunk_and_heads", "later_heads", "unembed", "cache_move")

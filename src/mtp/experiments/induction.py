@@ -139,8 +139,8 @@ def settings(scale: str) -> Settings:
         # Fewer sizes, trained longer: at 300 steps no size beat chance (see docs/results.md).
         return Settings(sizes={k: SIZES[k] for k in ("d64", "1M")}, steps=1000, lr=3e-3, eval_points=5)
     # Sizes from the 1M preset up, at the learning rate where the 1M model forms induction heads
-    # (at 3e-3 it did not within 1000 steps); measured 6 (1M) and 20 (3M) minutes per run on one
-    # busy core, so 8 runs take about an hour on 2 cores.
+    # (at 3e-3 it did not within 1000 steps). Measured with one thread on the busy machine: 6-15
+    # min per 1M run, 20-28 per 3M run; on 2 free cores the 8 runs should take about an hour.
     return Settings(sizes={k: SIZES[k] for k in ("1M", "3M")}, steps=1000, lr=1e-3, eval_points=5)
 
 
