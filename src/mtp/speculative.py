@@ -562,30 +562,24 @@ class ModeRun:
 class ModelTimer:
     """Adds up the wall time spent inside the model's forward methods while active, so a decoding
     run splits into model work and everything around it (drafting, acceptance, bookkeeping).
-    Wraps the instance's methods (`model(...)` reaches trunk_and_heads and unembed); a wrapped
-    method called from inside another counts once.
-    On CUDA every outermost call synchronizes, which makes the run itself slower."""
+    Wraps the instance's methods; `model(...)` reaches trunk_and_heads and unembed, and none of
+    the four calls another, so nothing is counted twice. On CUDA each call synchronizes before and
+    after (queued work would otherwise land in the wrong bucket), which slows the run itself."""
 
     METHODS = ("trunk_and_heads", "later_heads", "unembed", "cache_move")
 
     def __init__(self, model: MTPModel) -> None:
-        self.model, self.seconds, self.depth = model, 0.0, 0
-        self.sync = next(model.parameters()).device.type == "cuda"
+        self.model, self.seconds = model, 0.0
+        self.sync = torch.cuda.synchronize if next(model.parameters()).device.type == "cuda" else lambda: None
 
     def wrap(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         def timed(*args: Any, **kwargs: Any) -> Any:
-            if self.depth:
-                return fn(*args, **kwargs)
-            self.depth += 1
+            self.sync()
             start = time.perf_counter()
-            try:
-                out = fn(*args, **kwargs)
-                if self.sync:
-                    torch.cuda.synchronize()
-                return out
-            finally:
-                self.seconds += time.perf_counter() - start
-                self.depth -= 1
+            out = fn(*args, **kwargs)
+            self.sync()
+            self.seconds += time.perf_counter() - start
+            return out
         return timed
 
     def __enter__(self) -> "ModelTimer":

@@ -44,10 +44,10 @@ def settings(scale: str, tokenizer: str = "byte") -> Settings:
         return Settings(tokenizer=tokenizer, n_values=n_values, max_bytes=150_000, vocab_size=512,
                         model=dict(dim=32, n_layers=9, n_heads=2), steps=10, batch_size=4, seq_len=64, warmup=2,
                         eval_batches=2, prompts=2, prompt_len=16, max_new_tokens=16)
-    # Default and medium are one setting, sized from measured runs (docs/results.md): 16-21 min per
-    # byte model and about 21 per BPE model on one busy core; on 2 free cores about an hour. Longer
-    # runs: --set steps=1500 --set max_bytes=3000000.
-    return Settings(tokenizer=tokenizer, n_values=n_values, max_bytes=1_000_000, steps=600)
+    # Default and medium are one setting (the field defaults), sized from measured runs
+    # (docs/results.md): 16-21 min per byte model and about 21 per BPE model on one busy core; on 2
+    # free cores about an hour. Longer runs: --set steps=1500 --set max_bytes=3000000.
+    return Settings(tokenizer=tokenizer, n_values=n_values)
 
 
 def decode_prompts(data_dir: Path, count: int, length: int) -> list[list[int]]:
