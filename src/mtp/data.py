@@ -25,6 +25,8 @@ import torch
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from .fsutil import DATASET, atomic_dir, atomic_write_bytes, check_target
+
 __all__ = [
     "EOS_TOKEN",
     "PAD_TOKEN",
@@ -178,7 +180,7 @@ class Tokenizer:
         """Write ``directory/tokenizer.json`` (atomically)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        _atomic_write_bytes(directory / "tokenizer.json", self.hf.to_str().encode("utf-8"))
+        atomic_write_bytes(directory / "tokenizer.json", self.hf.to_str().encode("utf-8"))
 
     @classmethod
     def load(cls, directory_or_file: str | Path) -> Tokenizer:
@@ -424,16 +426,6 @@ def _position_cut(text: str, val_fraction: float) -> int:
 # --------------------------------------------------------------------------- prepare
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _encode_documents(tok: Tokenizer, docs: Iterable[str], dtype: np.dtype) -> Iterator[np.ndarray]:
     """Token arrays for `docs`, each document followed by eos; empty documents are dropped."""
     pieces: list[str] = []
@@ -488,8 +480,12 @@ def prepare(
     max_bytes: int | None = None,
     *,
     progress: bool = False,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Tokenize a corpus into ``out_dir`` and return the metadata written to ``meta.json``.
+
+    An existing dataset in ``out_dir`` is replaced only once the new one is complete; a
+    directory holding anything else (a run, a model, other files) is refused unless `force`.
 
     `tokenizer` is ``"bpe"`` (trained on the train split), ``"byte"``, a path to an
     existing tokenizer.json / directory, or a ``Tokenizer``. Output is byte-identical
@@ -508,6 +504,7 @@ def prepare(
         root = src if src.is_dir() else src.parent
         source_desc = str(src.resolve())
     out = Path(out_dir).expanduser()
+    check_target(out, (DATASET,), force)
     # Never read our own output back in when out_dir lies inside the corpus directory.
     out_abs = out.resolve()
     files = [f for f in files if not f.resolve().is_relative_to(out_abs)]
@@ -548,43 +545,34 @@ def prepare(
         raise DataError(f"unknown tokenizer {str(tokenizer)!r}: expected 'bpe', 'byte' or a path to a tokenizer.json")
     dtype = _token_dtype(tok.vocab_size)
 
-    out.mkdir(parents=True, exist_ok=True)
-    # Drop the old meta first: if we die halfway, readers see "not prepared" rather
-    # than new .bin files paired with stale metadata.
-    (out / "meta.json").unlink(missing_ok=True)
-    tmp = {split: out / f".{split}.bin.{os.getpid()}.tmp" for split in SPLITS}
-    try:
-        n_train = _write_tokens(tok, docs("train"), tmp["train"], dtype)
+    # Everything is built in a directory beside `out` and moved in only when complete, so a
+    # failure leaves an existing dataset as it was and creates nothing new.
+    with atomic_dir(out, commit_file="meta.json") as tmp:
+        n_train = _write_tokens(tok, docs("train"), tmp / "train.bin", dtype)
         if n_train == 0:
             raise DataError(f"corpus {source_desc} is empty (no tokens in the train split)")
-        n_val = _write_tokens(tok, docs("val"), tmp["val"], dtype)
-        for split in SPLITS:
-            os.replace(tmp[split], out / f"{split}.bin")
-    finally:
-        for path in tmp.values():
-            path.unlink(missing_ok=True)
-    tok.save(out)
-
-    meta: dict[str, Any] = {
-        "format": META_FORMAT,
-        "version": META_VERSION,
-        "source": source_desc,
-        "tokenizer": tok.kind,
-        "vocab_size": tok.vocab_size,
-        "eos_id": tok.eos_id,
-        "pad_id": tok.pad_id,
-        "dtype": dtype.name,
-        "n_train_tokens": n_train,
-        "n_val_tokens": n_val,
-        "n_files": len(files),
-        "n_train_files": len(train_files),
-        "n_val_files": len(val_files),
-        "n_bytes": n_bytes,
-        "split": "position" if by_position else "file",
-        "val_fraction": val_fraction,
-        "max_bytes": max_bytes,
-    }
-    _atomic_write_bytes(out / "meta.json", (json.dumps(meta, indent=2) + "\n").encode("utf-8"))
+        n_val = _write_tokens(tok, docs("val"), tmp / "val.bin", dtype)
+        tok.save(tmp)
+        meta: dict[str, Any] = {
+            "format": META_FORMAT,
+            "version": META_VERSION,
+            "source": source_desc,
+            "tokenizer": tok.kind,
+            "vocab_size": tok.vocab_size,
+            "eos_id": tok.eos_id,
+            "pad_id": tok.pad_id,
+            "dtype": dtype.name,
+            "n_train_tokens": n_train,
+            "n_val_tokens": n_val,
+            "n_files": len(files),
+            "n_train_files": len(train_files),
+            "n_val_files": len(val_files),
+            "n_bytes": n_bytes,
+            "split": "position" if by_position else "file",
+            "val_fraction": val_fraction,
+            "max_bytes": max_bytes,
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return meta
 
 

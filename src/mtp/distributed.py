@@ -86,7 +86,18 @@ class DistInfo:
 def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     if name == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    return torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
+    if dev.type == "cuda":
+        # Checked here: torch's own error (on a CPU-only build) comes later, as a traceback.
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {name!r}: no CUDA GPU is available to this torch build "
+                              f"(torch {torch.__version__}); use --device cpu or auto")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    return dev
 
 
 def _env_int(name: str, default: int) -> int:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -23,74 +25,83 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint as ckpt_io
-from . import distributed
+from . import distributed, fsutil
 from .data import TokenData, Tokenizer, validation_batches
 from .loss import IGNORE, align_targets, mtp_backward
-from .model import ConfigError, ModelConfig, MTPModel
+from .model import HEAD_TYPES, PRESETS, ConfigError, ModelConfig, MTPModel
+from .options import check_fields, check_mapping, opt
 
 
 @dataclass
 class TrainConfig:
-    """Everything a training run needs; settable from YAML and from `mtp train --flag value`."""
+    """Everything a training run needs; settable from YAML and from `mtp train --flag value`.
+    Each field's help and allowed values (its metadata) make the `--help` text and the checks."""
 
-    data: str = "data/stdlib-bpe"  # a directory made by `mtp prepare`
-    out: str = "runs/mtp"  # run directory: checkpoints, logs, plots
-    preset: str = "tiny"  # model size, see mtp.model.PRESETS
-    n_future: int = 4  # number of heads (tokens predicted per position)
-    head_type: str = "parallel"  # parallel | linear | causal | anticausal
-    model: dict[str, Any] = field(default_factory=dict)  # ModelConfig overrides, e.g. {"dim": 96}
-    head_weights: list[float] | None = None  # loss weight per head; None: unweighted sum
-    steps: int = 1000  # optimizer steps
-    batch_size: int = 16  # sequences per micro-batch
-    seq_len: int = 256  # tokens per sequence
-    grad_accum: int = 1  # micro-batches per optimizer step
-    lr: float = 1e-3  # peak learning rate
-    warmup: int = 100  # linear warmup steps
-    min_lr_ratio: float = 0.03  # cosine decays to this fraction of the peak (paper: 0.03)
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0  # 0 disables clipping
-    dtype: str = "bf16"  # autocast dtype: bf16 | fp32
-    chunk_size: int | None = 2048  # positions per cross-entropy chunk; None: whole head at once
-    compile: bool = False  # torch.compile the trunk and head blocks
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    seed: int = 0
-    eval_every: int = 200  # steps between validations (0: only at the end)
-    eval_batches: int = 10
-    save_every: int = 200  # steps between checkpoints (the last step is always saved)
-    keep: int = 2  # checkpoints kept on disk
-    log_every: int = 10
-    resume: bool = False  # continue from out/latest if it exists
-    init_from: str | None = None  # start from this checkpoint's weights (finetuning); n_future may differ
-    init_heads: str = "copy"  # new heads when n_future grows: copy (of head 1) | random
-    trainable: str = "all"  # all | heads (trunk frozen) | extra_heads (only heads 2..n: next-token output unchanged)
-    targets: str = "data"  # data | self: heads 2..n learn head 1's greedy tokens (self-distillation, for drafting)
-    progress: bool = True  # show a progress bar
-    parallel: str = "auto"  # with torchrun: auto (= ddp) | ddp | fsdp (FSDP2, sharded); one process: none
-    activation_checkpointing: bool = False  # recompute trunk/head block activations in backward
-    threads: int = 0  # CPU threads per process; 0: torch's default alone, CPUs / local processes under torchrun
+    data: str = opt("data/stdlib-bpe", "directory made by `mtp prepare` to train on")
+    out: str = opt("runs/mtp", "run directory: checkpoints, metrics.jsonl, tb/ logs, loss plot")
+    preset: str = opt("tiny", "model size (see `mtp presets`)", tuple(PRESETS))
+    n_future: int = opt(4, "number of output heads, i.e. tokens predicted per position")
+    head_type: str = opt("parallel", "how heads are stacked on the trunk", HEAD_TYPES)
+    model: dict[str, Any] = opt(help="ModelConfig override, repeatable (e.g. --model dim=96)", default_factory=dict)
+    head_weights: list[float] | None = opt(None, "loss weight per head, one number per head; none: unweighted sum")
+    steps: int = opt(1000, "optimizer steps")
+    batch_size: int = opt(16, "sequences per micro-batch (per process)")
+    seq_len: int = opt(256, "tokens per training sequence (at most the model's max_seq_len)")
+    grad_accum: int = opt(1, "micro-batches accumulated per optimizer step")
+    lr: float = opt(1e-3, "peak learning rate, a positive number")
+    warmup: int = opt(100, "linear warmup steps")
+    min_lr_ratio: float = opt(0.03, "the cosine schedule ends at this fraction of the peak lr")
+    weight_decay: float = opt(0.1, "AdamW decoupled weight decay on matrices")
+    beta1: float = opt(0.9, "AdamW beta1")
+    beta2: float = opt(0.95, "AdamW beta2")
+    grad_clip: float = opt(1.0, "clip the gradient norm to this; 0 disables clipping")
+    dtype: str = opt("bf16", "autocast dtype of the forward pass", ("bf16", "fp32"))
+    chunk_size: int | None = opt(2048, "positions per cross-entropy chunk (saves memory); none: all at once")
+    compile: bool = opt(False, "torch.compile the trunk and head blocks")
+    device: str = opt("auto", "auto (cuda if available, else cpu), cpu, cuda or cuda:N")
+    seed: int = opt(0, "seed of the initial weights and the batch order")
+    eval_every: int = opt(200, "steps between validations; 0: only at the end")
+    eval_batches: int = opt(10, "validation batches per evaluation")
+    save_every: int = opt(200, "steps between checkpoints; the last step is always saved")
+    keep: int = opt(2, "checkpoints kept on disk (the newest intact one is never deleted)")
+    log_every: int = opt(10, "steps between metrics.jsonl / TensorBoard records")
+    resume: bool = opt(False, "continue from the newest intact checkpoint in --out (fresh start if none)")
+    init_from: str | None = opt(None, "start from this checkpoint's weights (finetuning); n_future may differ")
+    init_heads: str = opt("copy", "heads added when n_future grows: copies of head 1, or random",
+                          ("copy", "random"))
+    trainable: str = opt("all", "what trains: everything, the heads (trunk frozen), or heads 2..n only "
+                                "(next-token output unchanged)", ("all", "heads", "extra_heads"))
+    targets: str = opt("data", "what heads 2..n learn: the data, or head 1's greedy tokens (self-distillation, "
+                               "for drafting)", ("data", "self"))
+    progress: bool = opt(True, "show a progress bar")
+    parallel: str = opt("auto", "under torchrun: data parallel (auto = ddp) or FSDP2 sharding; one process: none",
+                        distributed.STRATEGIES)
+    activation_checkpointing: bool = opt(False, "recompute block activations in backward (less memory)")
+    threads: int = opt(0, "CPU threads per process; 0: torch's default alone, CPUs / local processes under "
+                          "torchrun")
 
     def __post_init__(self) -> None:
+        check_fields(self)  # types and choices: one line naming the key, the value and what is expected
         for name in ("steps", "batch_size", "seq_len", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.dtype not in ("bf16", "fp32"):
-            raise ConfigError(f"dtype must be bf16 or fp32, got {self.dtype!r}")
-        if self.trainable not in ("all", "heads", "extra_heads"):
-            raise ConfigError(f"trainable must be all, heads or extra_heads, got {self.trainable!r}")
-        if self.targets not in ("data", "self"):
-            raise ConfigError(f"targets must be data or self, got {self.targets!r}")
+        for name in ("warmup", "eval_every", "eval_batches", "save_every", "keep", "threads"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.log_every < 1:
+            raise ConfigError(f"log_every must be >= 1, got {self.log_every}")
+        if self.n_future < 1:
+            raise ConfigError(f"n_future must be >= 1, got {self.n_future}")
+        self.model = check_mapping(self.model, ModelConfig, "model.")
         if self.targets == "self" and self.head_type == "anticausal":
             raise ConfigError("targets=self needs head 1 to read the trunk output; anticausal heads do not")
-        if self.init_heads not in ("copy", "random"):
-            raise ConfigError(f"init_heads must be copy or random, got {self.init_heads!r}")
         if self.lr <= 0:
             raise ConfigError(f"lr must be positive, got {self.lr}")
-        if self.parallel not in distributed.STRATEGIES:
-            raise ConfigError(f"parallel must be one of {', '.join(distributed.STRATEGIES)}, got {self.parallel!r}")
-        if self.threads < 0:
-            raise ConfigError(f"threads must be >= 0, got {self.threads}")
+        if self.head_weights is not None and len(self.head_weights) != self.model.get("n_future", self.n_future):
+            raise ConfigError(f"head_weights has {len(self.head_weights)} numbers but the model has "
+                              f"{self.model.get('n_future', self.n_future)} heads (n_future); give one per head")
+        if self.chunk_size is not None and self.chunk_size < 1:
+            raise ConfigError(f"chunk_size must be >= 1 or none, got {self.chunk_size}")
 
     def model_config(self, vocab_size: int) -> ModelConfig:
         overrides = {"n_future": self.n_future, "head_type": self.head_type, "vocab_size": vocab_size,
@@ -293,10 +304,30 @@ def train(cfg: TrainConfig, stop_after: int | None = None,
     `on_log` is called on every rank with the same (rank-averaged) record.
     `stop_after` ends the run early after that many steps, as a crash would (used in tests)."""
     dist = distributed.init(cfg.device, cfg.threads)
+    out = Path(cfg.out)
+    existed, fresh = out.exists(), fsutil.describe_dir(out) is None
     try:
         return _train(cfg, dist, stop_after, on_log)
+    except BaseException:
+        # A new run that fails before its first checkpoint leaves no half-written directory.
+        if dist.is_main and fresh and not ckpt_io.checkpoints(out):
+            _discard(out, existed)
+        raise
     finally:
         distributed.destroy(dist)
+
+
+def _discard(out: Path, keep_dir: bool) -> None:
+    if not out.is_dir():
+        return
+    if not keep_dir:
+        shutil.rmtree(out, ignore_errors=True)
+        return
+    for p in out.iterdir():
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
 
 
 def _train(cfg: TrainConfig, dist: distributed.DistInfo, stop_after: int | None,
@@ -306,6 +337,12 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo, stop_after: int | None,
     # Every rank builds the same initial weights from the seed (FSDP2 shards them in place).
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
+    found = fsutil.describe_dir(out)
+    if found is not None and found[0] in (fsutil.DATASET, fsutil.CHECKPOINT, fsutil.HF_MODEL, fsutil.META_MODEL):
+        raise ConfigError(f"--out {out} already holds {found[1]}; choose another --out")
+    if dist.is_main:
+        for stale in ckpt_io.remove_stale_checkpoint_temps(out):
+            print(f"removed {stale}, a checkpoint left half-written by an earlier run", file=sys.stderr)
     train_data = TokenData(cfg.data, "train")
     val_data: TokenData | None = TokenData(cfg.data, "val")
     tokenizer = Tokenizer.load(cfg.data)
@@ -316,7 +353,9 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo, stop_after: int | None,
     set_trainable(model, cfg.trainable)
 
     start = 0
-    latest = ckpt_io.latest_checkpoint(out) if cfg.resume else None
+    latest = ckpt_io.resume_checkpoint(out, report=dist.is_main) if cfg.resume else None
+    if cfg.resume and latest is None and dist.is_main:
+        print(f"--resume: {out} has no checkpoint yet; starting fresh at step 0", file=sys.stderr)
     state: dict[str, Any] | None = None
     if latest is not None:
         saved_cfg = ckpt_io.load_config(latest)

@@ -12,7 +12,6 @@ the other (scores q.k are unchanged because q and k are permuted alike), so conv
 from __future__ import annotations
 
 import json
-import os
 import re
 import tempfile
 import warnings
@@ -23,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..fsutil import atomic_write_bytes
 from ..model import ModelConfig, MTPModel
 from ._common import InteropError, assign_state, check_vocab, make_config, read_json, require_dir
 
@@ -109,7 +109,7 @@ class SentencePieceTokenizer:
         """Write directory/tokenizer.model (atomically)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        _write_bytes_atomic(directory / SPM_TOKENIZER, self.model_proto)
+        atomic_write_bytes(directory / SPM_TOKENIZER, self.model_proto)
 
     def save(self, directory: str | Path) -> None:
         """tokenizer.model, plus tokenizer.json when the conversion is available (see to_tokenizer)."""
@@ -146,13 +146,6 @@ class SentencePieceTokenizer:
         backend.no_padding()
         backend.no_truncation()
         return Tokenizer(backend, kind="bpe", eos_token=self.sp.id_to_piece(self.eos_id))
-
-
-def _write_bytes_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
 
 
 # ----- reading -------------------------------------------------------------------------------------
