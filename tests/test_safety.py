@@ -127,6 +127,17 @@ def test_corrupt_weights_are_an_error_naming_the_file(tiny_run, tmp_path, capsys
         load_model(run)
     rc, _, err = run_cli(["generate", "--checkpoint", run, "--prompt", "def", "--max-new-tokens", "2"], capsys)
     one_line_error(rc, err, str(weights), "corrupt")
+    rc, _, err = run_cli(["eval", "--checkpoint", run, "--data", run, "--batches", "1"], capsys)
+    one_line_error(rc, err, str(weights), "corrupt")
+
+
+def test_train_refuses_an_out_holding_a_dataset(corpus, tmp_path, capsys):
+    target = tmp_path / "x"
+    shutil.copytree(corpus, target)
+    before = snapshot(target)
+    rc, _, err = run_cli(["train", "--data", corpus, "--out", target, "--steps", "2", "--no-progress"], capsys)
+    one_line_error(rc, err, "already holds a prepared dataset")
+    assert snapshot(target) == before
 
 
 def test_checkpoint_without_manifest_still_loads(tiny_run, tmp_path):
@@ -200,6 +211,7 @@ BAD_YAML = [
     ("steps: 2.5", "steps must be an integer, got 2.5"),
     ("steps: [1,\n", "not valid YAML at line"),
     ("model: 5", "model must be a mapping"),
+    ("parallel: x", "parallel must be one of auto, none, ddp, fsdp, got 'x'"),
 ]
 
 
@@ -217,6 +229,7 @@ BAD_FLAGS: list[tuple[list[str], str]] = [
     (["--lr", "nan"], "lr must be a finite number, got nan"),
     (["--n-future", "4", "--head-weights", "1", "1"], "head_weights has 2 numbers but the model has 4 heads"),
     (["--device", "nonsense"], "device must be auto, cpu, cuda or cuda:N"),
+    (["--steps", "0"], "steps must be >= 1, got 0"),
 ]
 if not torch.cuda.is_available():
     BAD_FLAGS.append((["--device", "cuda"], "no CUDA GPU is available"))
