@@ -100,6 +100,32 @@ def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torc
     return None if seed is None else torch.Generator(device=device).manual_seed(seed)
 
 
+# ----- dtype ------------------------------------------------------------------------------------
+DECODE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def has_amx() -> bool:
+    """True on a CPU with AMX bf16 tiles (Linux), where a bf16 matmul of up to ~32 rows costs
+    about as much as one row, so a verify pass is nearly free."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and " amx_bf16" in line for line in f)
+    except OSError:
+        return False
+
+
+def decode_dtype(name: str, device: torch.device | str) -> torch.dtype:
+    """The dtype for `--dtype NAME`: fp32, bf16, or auto (bf16 on CUDA and on CPUs with AMX,
+    fp32 elsewhere). Decoding is batch-invariant, so speculative output equals greedy in both."""
+    if name == "auto":
+        if torch.device(device).type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+        return torch.bfloat16 if has_amx() else torch.float32
+    if name not in DECODE_DTYPES:
+        raise GenerationError(f"dtype must be auto, fp32 or bf16, got {name!r}")
+    return DECODE_DTYPES[name]
+
+
 # ----- request checks ---------------------------------------------------------------------------
 def check_prompts(model: MTPModel, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
     """Raise GenerationError (one line) for requests the model cannot serve."""

@@ -151,6 +151,52 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# ----- batch-invariant kernels ------------------------------------------------------------------
+# Decoding must give a token the same logits, bit for bit, whatever else is in the pass (other
+# rows, draft tokens, tree nodes), or speculative output drifts from greedy output. Measured on
+# this CPU (torch 2.13, 20 weight shapes, 1 and 2 threads): a bf16 matmul's rows are bitwise the
+# same for every M <= 32 rows (not beyond at 49152x576); an fp32 one's change with M at a
+# threshold that depends on K and the thread count (3 at K=64, 16 at K=576) and at M = 1 (a gemv),
+# so fp32 calls always take exactly 2 rows. SDPA's output for a query does not depend on the
+# number of queries (bf16) or for >= 2 queries (fp32), nor on the key length once it is a
+# multiple of KV_BLOCK with the tail masked. So cached forwards tile matmul rows into such
+# blocks, pad a lone fp32 query to two, and attend over the whole cache, rounded up to KV_BLOCK.
+KV_BLOCK = 512
+
+
+def row_block(dtype: torch.dtype) -> tuple[int, int]:
+    """(most, fewest) rows per matmul call for which every row's result is the same."""
+    return (32, 1) if dtype in (torch.bfloat16, torch.float16) else (2, 2)
+
+
+def invariant_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """F.linear computed in row blocks, so each output row is bitwise independent of the others."""
+    most, fewest = row_block(x.dtype)
+    flat = x.reshape(-1, x.shape[-1])
+    m = flat.shape[0]
+    if fewest <= m <= most:
+        return F.linear(x, weight, bias)
+    parts = []
+    for start in range(0, m, most):
+        part = flat[start : start + most]
+        n = part.shape[0]
+        if n < fewest:
+            part = torch.cat([part] * fewest)
+        parts.append(F.linear(part, weight, bias)[:n])
+    return torch.cat(parts).view(*x.shape[:-1], weight.shape[0])
+
+
+class Linear(nn.Linear):
+    """nn.Linear that switches to `invariant_linear` while the model decodes with its KV cache."""
+
+    invariant = False
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.invariant:
+            return invariant_linear(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -205,10 +251,10 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.use_rope = cfg.pos_emb == "rope"  # learned positions enter once, at the embedding
         qkv_bias = cfg.attn_bias or cfg.bias
-        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=qkv_bias)
-        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=qkv_bias)
-        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=qkv_bias)
-        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.bias)
+        self.wq = Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=qkv_bias)
+        self.wk = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=qkv_bias)
+        self.wv = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=qkv_bias)
+        self.wo = Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.bias)
         self.cache_k: Tensor | None = None  # (B, L, H_kv, hd), set by MTPModel.setup_cache
         self.cache_v: Tensor | None = None
 
@@ -226,16 +272,19 @@ class Attention(nn.Module):
             )
         else:
             assert self.cache_k is not None and self.cache_v is not None, "call setup_cache() first"
-            # Write this step's keys/values at each row's own slots, then attend over the prefix.
+            # Write this step's keys/values at each row's own slots, then attend over the whole
+            # cache (masked): a fixed key length keeps the numerics independent of the pass.
             self.cache_k[ctx.rows, ctx.slots] = k.to(self.cache_k.dtype)
             self.cache_v[ctx.rows, ctx.slots] = v.to(self.cache_v.dtype)
             rows = slice(0, B) if ctx.leading else ctx.rows[:, 0]
-            keys = self.cache_k[rows, : ctx.kv_len].transpose(1, 2).to(q.dtype)
-            values = self.cache_v[rows, : ctx.kv_len].transpose(1, 2).to(q.dtype)
+            keys = self.cache_k[rows].transpose(1, 2).to(q.dtype)
+            values = self.cache_v[rows].transpose(1, 2).to(q.dtype)
+            q, mask = q.transpose(1, 2), ctx.mask[:, None]
+            if S < row_block(q.dtype)[1]:  # one query in fp32 takes another kernel: pad to two
+                q, mask = torch.cat([q, q], dim=2), torch.cat([mask, mask], dim=2)
             out = F.scaled_dot_product_attention(
-                q.transpose(1, 2), keys, values, attn_mask=ctx.mask[:, None],
-                enable_gqa=self.n_kv_heads != self.n_heads,
-            )
+                q, keys, values, attn_mask=mask, enable_gqa=self.n_kv_heads != self.n_heads,
+            )[:, :, :S]
         return self.wo(out.transpose(1, 2).reshape(B, S, -1))
 
 
@@ -244,9 +293,9 @@ class FeedForward(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.w1 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=cfg.bias)
-        self.w2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=cfg.bias)
-        self.w3 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=cfg.bias) if cfg.mlp == "swiglu" else None
+        self.w1 = Linear(cfg.dim, cfg.ffn_dim, bias=cfg.bias)
+        self.w2 = Linear(cfg.ffn_dim, cfg.dim, bias=cfg.bias)
+        self.w3 = Linear(cfg.dim, cfg.ffn_dim, bias=cfg.bias) if cfg.mlp == "swiglu" else None
 
     def forward(self, x: Tensor) -> Tensor:
         if self.w3 is None:
@@ -272,7 +321,7 @@ class LinearHead(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.proj = Linear(cfg.dim, cfg.dim, bias=False)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, ...], ctx: "CacheContext | None" = None) -> Tensor:
         return self.proj(x)
@@ -284,8 +333,7 @@ class CacheContext:
 
     rows: Tensor  # (B, 1) cache row of each input row, broadcast against slots
     slots: Tensor  # (B, S) cache slot written by each input token
-    mask: Tensor  # (B, S, kv_len) True where the query may attend
-    kv_len: int
+    mask: Tensor  # (B, S, cache_len) True where the query may attend
     leading: bool = True  # rows are 0..B-1, so reads can slice the cache instead of gathering
 
 
@@ -305,7 +353,7 @@ class MTPModel(nn.Module):
         head_cls = LinearHead if cfg.head_type == "linear" else Block
         self.heads = nn.ModuleList(head_cls(cfg) for _ in range(cfg.n_future))
         self.norm = make_norm(cfg)
-        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.output = Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.cache_batch = 0
         self.cache_len = 0
         self.reset_parameters()
@@ -421,24 +469,35 @@ class MTPModel(nn.Module):
     # ----- KV cache ---------------------------------------------------------------------------
     def setup_cache(self, max_batch: int, max_len: int, dtype: torch.dtype | None = None,
                     device: torch.device | str | None = None) -> None:
-        """Allocate key/value buffers for the trunk and every head block."""
+        """Allocate key/value buffers for the trunk and every head block, `max_len` positions
+        rounded up to a multiple of KV_BLOCK, and switch the matmuls to batch-invariant row
+        blocks (see `invariant_linear`) until `clear_cache`."""
         if max_len > self.cfg.max_seq_len:
             raise ConfigError(f"cache length {max_len} exceeds max_seq_len={self.cfg.max_seq_len}")
         param = next(self.parameters())
         dtype = dtype or param.dtype
         device = device or param.device
-        shape = (max_batch, max_len, self.cfg.n_kv_heads, self.cfg.head_dim)
+        length = -(-max_len // KV_BLOCK) * KV_BLOCK
+        shape = (max_batch, length, self.cfg.n_kv_heads, self.cfg.head_dim)
         for m in self.modules():
             if isinstance(m, Attention):
                 m.cache_k = torch.zeros(shape, dtype=dtype, device=device)
                 m.cache_v = torch.zeros(shape, dtype=dtype, device=device)
-        self.cache_batch, self.cache_len = max_batch, max_len
+        self.set_invariant(True)
+        self.cache_batch, self.cache_len = max_batch, length
 
     def clear_cache(self) -> None:
         for m in self.modules():
             if isinstance(m, Attention):
                 m.cache_k = m.cache_v = None
+        self.set_invariant(False)
         self.cache_batch = self.cache_len = 0
+
+    def set_invariant(self, on: bool) -> None:
+        """Batch-invariant matmuls (slower for many rows) on or off; on while a cache is set up."""
+        for m in self.modules():
+            if isinstance(m, Linear):
+                m.invariant = on
 
     def cache_context(self, tokens: Tensor, input_pos: Tensor, slots: Tensor | None,
                       mask: Tensor | None, rows: Tensor | None = None) -> CacheContext:
@@ -447,19 +506,16 @@ class MTPModel(nn.Module):
             raise ConfigError("KV cache not set up: call model.setup_cache(max_batch, max_len) first")
         if B > self.cache_batch:
             raise ConfigError(f"batch of {B} exceeds the cache's max_batch={self.cache_batch}")
-        if rows is not None and rows.numel() and int(rows.max()) >= self.cache_batch:
-            raise ConfigError(f"cache row {int(rows.max())} is past the cache's max_batch={self.cache_batch}")
+        # No checks of tensor values here: they would synchronise with the host every pass.
+        # Callers keep rows and slots inside the cache (indexing past it raises anyway).
         slots = input_pos if slots is None else slots
-        kv_len = int(slots.max()) + 1
-        if kv_len > self.cache_len:
-            raise ConfigError(f"position {kv_len - 1} is past the cache length {self.cache_len}")
         if mask is None:
-            mask = causal_cache_mask(input_pos, kv_len)
-        else:
-            mask = mask[..., :kv_len]
+            mask = causal_cache_mask(input_pos, self.cache_len)
+        elif mask.shape[-1] != self.cache_len:
+            raise ConfigError(f"mask covers {mask.shape[-1]} cache slots, the cache has {self.cache_len}")
         leading = rows is None
         rows = torch.arange(B, device=tokens.device) if rows is None else rows
-        return CacheContext(rows=rows[:, None], slots=slots, mask=mask, kv_len=kv_len, leading=leading)
+        return CacheContext(rows=rows[:, None], slots=slots, mask=mask, leading=leading)
 
     def cache_move(self, rows: Tensor, src: Tensor, dst: Tensor) -> None:
         """Copy cached keys/values from slots `src` to slots `dst` (both (B, K)) for rows (B, 1):

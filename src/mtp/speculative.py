@@ -249,7 +249,7 @@ def verify_forward(model: MTPModel, tree: DraftTree, tables: TreeTables, block: 
     Only head 1 runs here (all heads with anticausal heads, whose head 1 needs the others): it
     decides what is accepted, and the draft heads are needed only on the accepted path
     (`draft_hidden`), so running them on every node would be wasted work."""
-    mask = None if tree.is_chain else tree_mask(block, tables.ancestors, cache_len)
+    mask = None if tree.is_chain else tree_mask(block, tables.ancestors, model.cache_len)
     heads = tree.depth + 1 if model.cfg.head_type == "anticausal" else 1
     return model.trunk_and_heads(nodes, block.positions, slots=block.slots, mask=mask, heads=heads)
 

@@ -1,0 +1,76 @@
+"""Batch-invariant decoding: a token's logits do not depend on what else is in the pass, so
+speculative output equals greedy output and a batch equals each row alone, bit for bit, in bf16
+and fp32 (the dtypes decoding offers), not only in fp64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mtp import ModelConfig, MTPModel, generate, speculative_generate
+from mtp.model import invariant_linear
+from mtp.speculative import tree_generate
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def varied_model(dtype: torch.dtype, head_type: str = "parallel", seed: int = 0) -> MTPModel:
+    """A random model whose greedy output varies from token to token (large init: sharp logits
+    that still differ in their last bits between kernels)."""
+    torch.manual_seed(seed)
+    cfg = ModelConfig.from_preset("tiny", n_future=4, head_type=head_type, init_std=0.2)
+    return MTPModel(cfg).eval().to(dtype)
+
+
+def prompts(seed: int = 1, count: int = 8) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(3, 60, (count,), generator=g)
+    return [torch.randint(0, 512, (int(n),), generator=g).tolist() for n in lengths]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_invariant_linear_rows_do_not_depend_on_the_other_rows(dtype):
+    torch.manual_seed(0)
+    w = torch.randn(4096, 192).to(DTYPES[dtype])
+    x = torch.randn(70, 192).to(DTYPES[dtype])
+    alone = torch.cat([invariant_linear(x[i : i + 1], w, None) for i in range(70)])
+    for m in (1, 2, 5, 8, 9, 31, 32, 33, 64, 70):
+        assert torch.equal(invariant_linear(x[:m], w, None), alone[:m]), m
+    if dtype == "fp32":  # the reason it exists: a plain fp32 row alone (a gemv) rounds differently
+        assert not torch.equal(F.linear(x[:2], w)[0], F.linear(x[:1], w)[0])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_one_token_and_a_verify_block_give_the_same_logits(dtype):
+    model = varied_model(DTYPES[dtype])
+    tokens = torch.randint(0, 512, (1, 40), generator=torch.Generator().manual_seed(3))
+    model.setup_cache(1, 64)
+    model(tokens[:, :30], torch.arange(30)[None])
+    block = model(tokens[:, 30:35], torch.arange(30, 35)[None], heads=1)
+    one = model(tokens[:, 30:31], torch.arange(30, 31)[None], heads=1)
+    assert torch.equal(one[:, 0], block[:, 0])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_every_mode_batched_and_alone_equals_greedy_alone(dtype):
+    model, ps, n = varied_model(DTYPES[dtype]), prompts(), 40
+    alone = [generate(model, [p], n).tokens[0] for p in ps]
+    assert min(len(set(t)) for t in alone) > 10  # varied output, not one repeated token
+    assert generate(model, ps, n).tokens == alone
+    assert generate(model, ps, n, batch_size=3).tokens == alone
+    for k in (1, 2, 3):
+        assert speculative_generate(model, ps, n, k=k).tokens == alone, k
+        assert speculative_generate(model, ps, n, k=k, batch_size=3).tokens == alone, k
+    assert [speculative_generate(model, [p], n, k=3).tokens[0] for p in ps] == alone
+    assert tree_generate(model, ps, n).tokens == alone
+    assert tree_generate(model, ps, n, tree=(2, 2, 2), batch_size=5).tokens == alone
+    assert [tree_generate(model, [p], n).tokens[0] for p in ps] == alone
+
+
+@pytest.mark.parametrize("head_type", ["causal", "linear", "anticausal"])
+def test_other_head_types_are_exact_in_bf16(head_type):
+    model, ps, n = varied_model(torch.bfloat16, head_type), prompts(seed=2, count=4), 24
+    alone = [generate(model, [p], n).tokens[0] for p in ps]
+    assert speculative_generate(model, ps, n).tokens == alone
+    assert tree_generate(model, ps, n).tokens == alone
