@@ -285,6 +285,10 @@ def test_finetune_refuses_init_from(tiny_run, corpus, tmp_path, capsys):
     rc, _, err = run_cli(["finetune", tiny_run, "--init-from", tmp_path / "other", "--data", corpus,
                           "--out", tmp_path / "ft"], capsys)
     one_line_error(rc, err, "--init-from", "finetune starts from BASE")
+    yml = tmp_path / "c.yaml"
+    yml.write_text(f"init_from: {tmp_path / 'other'}\n")
+    rc, _, err = run_cli(["finetune", tiny_run, "--config", yml, "--data", corpus, "--out", tmp_path / "ft"], capsys)
+    one_line_error(rc, err, "init_from:", "finetune starts from BASE")
     assert not (tmp_path / "ft").exists()
 
 

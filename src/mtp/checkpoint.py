@@ -63,6 +63,9 @@ def _manifest(ckpt: Path) -> dict[str, dict[str, Any]] | None:
         raise CheckpointError(f"{path} is corrupt (not a checkpoint manifest)") from None
 
 
+_verified: set[tuple[str, int, int, Any]] = set()  # files that matched their manifest entry
+
+
 def verify_file(ckpt: Path, name: str) -> None:
     """Check ckpt/name against the manifest (size first: cheap; then the SHA-256)."""
     files = _manifest(ckpt)
@@ -71,11 +74,15 @@ def verify_file(ckpt: Path, name: str) -> None:
     path, want = ckpt / name, files[name]
     if not path.exists():
         raise CheckpointError(f"{path} is missing (listed in {MANIFEST})")
-    size = path.stat().st_size
-    if size != want.get("size"):
-        raise CheckpointError(f"{path} is corrupt or truncated: {size} bytes, {MANIFEST} says {want.get('size')}")
+    st = path.stat()
+    if st.st_size != want.get("size"):
+        raise CheckpointError(f"{path} is corrupt or truncated: {st.st_size} bytes, {MANIFEST} says {want.get('size')}")
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns, want.get("sha256"))
+    if key in _verified:
+        return  # hashed already in this process (e.g. --resume checks, then loads) and unchanged since
     if file_digest(path) != want.get("sha256"):
         raise CheckpointError(f"{path} is corrupt: its SHA-256 does not match {MANIFEST}")
+    _verified.add(key)
 
 
 def verify_checkpoint(ckpt: str | Path) -> None:

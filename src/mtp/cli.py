@@ -134,6 +134,19 @@ def cmd_train(args: argparse.Namespace, defaults: dict[str, Any] | None = None) 
     print(f"checkpoint: {result['out']}  (plot: {Path(result['out']) / 'loss_curves.png'})")
 
 
+def _yaml_value(args: argparse.Namespace, key: str) -> Any:
+    """`key` of the --config file, or None (a missing or broken file is reported by build_train_config)."""
+    if not getattr(args, "config", None):
+        return None
+    import yaml
+
+    try:
+        loaded = yaml.safe_load(Path(args.config).read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    return loaded.get(key) if isinstance(loaded, dict) else None
+
+
 def cmd_finetune(args: argparse.Namespace) -> None:
     """`train` starting from a checkpoint. Defaults differ where finetuning wants them to: the saved
     number of heads, only heads 2..n trainable, and those heads learning the model's own greedy
@@ -143,6 +156,10 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     if getattr(args, "init_from_flag", None) is not None:
         raise ValueError(f"finetune starts from BASE ({args.base}); --init-from {args.init_from_flag} is for "
                          "`mtp train`: drop it, or give that checkpoint as BASE")
+    other = _yaml_value(args, "init_from")
+    if other not in (None, args.base):
+        raise ValueError(f"finetune starts from BASE ({args.base}); init_from: {other} in {args.config} is for "
+                         "`mtp train`: remove it, or give that checkpoint as BASE")
     args.init_from = args.base
     n_future = load_config(resolve_checkpoint(args.base)).n_future
     cmd_train(args, {"trainable": "extra_heads", "targets": "self", "n_future": n_future})
@@ -326,15 +343,13 @@ class TextStream:
         print(text[len(self.shown):] if text.startswith(self.shown) else "", flush=True)
 
 
-DTYPES = ("auto", "fp32", "bf16")
-DTYPE_HELP = ("weights and KV cache dtype for decoding: auto (bf16 on CUDA and on CPUs with AMX, else fp32), "
-              "fp32 or bf16; speculative output equals greedy in each (default: auto)")
+DTYPES = ("fp32", "bf16")
 
 
 def _to_dtype(model: Any, name: str) -> Any:
-    from .generate import decode_dtype
+    import torch
 
-    return model.to(decode_dtype(name, next(model.parameters()).device))
+    return model.to({"fp32": torch.float32, "bf16": torch.bfloat16}[name])
 
 
 def cmd_bench_decode(args: argparse.Namespace) -> None:
@@ -506,7 +521,8 @@ def build_parser() -> argparse.ArgumentParser:
     pg.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
     pg.add_argument("--no-stop", action="store_true", help="do not stop at end-of-text")
     pg.add_argument("--device", default="auto", help=DEVICE_HELP)
-    pg.add_argument("--dtype", default="auto", choices=DTYPES, help=DTYPE_HELP)
+    pg.add_argument("--dtype", default="fp32", choices=DTYPES,
+                     help="weights and cache dtype for decoding (speculative = greedy exactly only in fp32)")
     pg.set_defaults(func=cmd_generate)
 
     pb = sub.add_parser("bench", help="benchmarks")
@@ -523,7 +539,8 @@ def build_parser() -> argparse.ArgumentParser:
     pbd.add_argument("--max-new-tokens", type=int, default=128)
     pbd.add_argument("--modes", nargs="+", default=None, help="e.g. greedy spec1 spec2 spec3 tree")
     pbd.add_argument("--device", default="auto")
-    pbd.add_argument("--dtype", default="auto", choices=DTYPES, help=DTYPE_HELP)
+    pbd.add_argument("--dtype", default="fp32", choices=DTYPES,
+                     help="weights and cache dtype for decoding (speculative = greedy exactly only in fp32)")
     pbd.set_defaults(func=cmd_bench_decode)
 
     pxp = sub.add_parser("experiment", help="run one of the paper's small-scale studies")
