@@ -343,13 +343,15 @@ class TextStream:
         print(text[len(self.shown):] if text.startswith(self.shown) else "", flush=True)
 
 
-DTYPES = ("fp32", "bf16")
+DTYPES = ("auto", "fp32", "bf16")
+DTYPE_HELP = ("weights and KV cache dtype for decoding: auto (bf16 on CUDA and on CPUs with AMX, else fp32), "
+              "fp32 or bf16; speculative output equals greedy in each (default: auto)")
 
 
 def _to_dtype(model: Any, name: str) -> Any:
-    import torch
+    from .generate import decode_dtype
 
-    return model.to({"fp32": torch.float32, "bf16": torch.bfloat16}[name])
+    return model.to(decode_dtype(name, next(model.parameters()).device))
 
 
 def cmd_bench_decode(args: argparse.Namespace) -> None:
@@ -521,8 +523,7 @@ def build_parser() -> argparse.ArgumentParser:
     pg.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
     pg.add_argument("--no-stop", action="store_true", help="do not stop at end-of-text")
     pg.add_argument("--device", default="auto", help=DEVICE_HELP)
-    pg.add_argument("--dtype", default="fp32", choices=DTYPES,
-                     help="weights and cache dtype for decoding (speculative = greedy exactly only in fp32)")
+    pg.add_argument("--dtype", default="auto", choices=DTYPES, help=DTYPE_HELP)
     pg.set_defaults(func=cmd_generate)
 
     pb = sub.add_parser("bench", help="benchmarks")
@@ -539,8 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
     pbd.add_argument("--max-new-tokens", type=int, default=128)
     pbd.add_argument("--modes", nargs="+", default=None, help="e.g. greedy spec1 spec2 spec3 tree")
     pbd.add_argument("--device", default="auto")
-    pbd.add_argument("--dtype", default="fp32", choices=DTYPES,
-                     help="weights and cache dtype for decoding (speculative = greedy exactly only in fp32)")
+    pbd.add_argument("--dtype", default="auto", choices=DTYPES, help=DTYPE_HELP)
     pbd.set_defaults(func=cmd_bench_decode)
 
     pxp = sub.add_parser("experiment", help="run one of the paper's small-scale studies")
