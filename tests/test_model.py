@@ -128,3 +128,20 @@ def test_cache_errors():
 
 def test_presets_listed():
     assert {"tiny", "1M", "3M", "10M", "30M", "100M", "300M", "1B", "7B"} <= set(PRESETS)
+
+
+def test_stacked_draft_heads_equal_the_uncached_heads():
+    # Parallel heads 2..n run as one batched pass while decoding (DraftStack); same hidden states.
+    torch.manual_seed(0)
+    m = MTPModel(ModelConfig.from_preset("tiny", n_future=4)).eval().double()
+    tokens = torch.randint(0, 512, (3, 20))
+    ref = m.hidden(tokens)
+    m.setup_cache(3, 40)
+    assert m.draft_stack is not None
+    with torch.no_grad():
+        m.trunk_and_heads(tokens[:, :12], torch.arange(12).expand(3, -1), heads=4)
+        z, h = m.trunk_and_heads(tokens[:, 12:], torch.arange(12, 20).expand(3, -1), heads=1)
+        later = m.later_heads(z, [h[:, :, 0]], torch.arange(12, 20).expand(3, -1), 4)
+    torch.testing.assert_close(later, ref[:, 12:, 1:], rtol=0, atol=1e-12)
+    m.clear_cache()
+    assert m.draft_stack is None

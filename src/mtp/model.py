@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -274,8 +274,9 @@ class Attention(nn.Module):
             assert self.cache_k is not None and self.cache_v is not None, "call setup_cache() first"
             # Write this step's keys/values at each row's own slots, then attend over the whole
             # cache (masked): a fixed key length keeps the numerics independent of the pass.
-            self.cache_k[ctx.rows, ctx.slots] = k.to(self.cache_k.dtype)
-            self.cache_v[ctx.rows, ctx.slots] = v.to(self.cache_v.dtype)
+            # Cached keys never carry gradients (decoding only; head caches may be views of one buffer).
+            self.cache_k[ctx.rows, ctx.slots] = k.detach().to(self.cache_k.dtype)
+            self.cache_v[ctx.rows, ctx.slots] = v.detach().to(self.cache_v.dtype)
             rows = slice(0, B) if ctx.leading else ctx.rows[:, 0]
             keys = self.cache_k[rows].transpose(1, 2).to(q.dtype)
             values = self.cache_v[rows].transpose(1, 2).to(q.dtype)
@@ -344,6 +345,69 @@ def causal_cache_mask(positions: Tensor, kv_len: int) -> Tensor:
     return slots[None, None, :] <= positions[:, :, None]
 
 
+class DraftStack:
+    """Parallel draft heads 2..n run as one: each head's weights stacked along a leading dim, so
+    every projection is one batched matmul instead of n-1 (the heads share their input z).
+
+    Built by `MTPModel.setup_cache` from the head blocks' current weights (a copy, dropped by
+    `clear_cache`); the heads' KV caches are views into one stacked buffer, so the per-head path
+    and this one read and write the same keys. Drafts only propose tokens (head 1 decides what is
+    kept), so these batched kernels need not round like the per-head ones."""
+
+    def __init__(self, heads: Sequence[Block], cfg: ModelConfig, cache_shape: tuple[int, ...],
+                 dtype: torch.dtype, device: torch.device | str) -> None:
+        def stacked(get: Callable[[Block], Tensor]) -> Tensor:  # weights are copied, never trained
+            return torch.stack([get(h).detach() for h in heads])
+
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.eps = cfg.norm_eps
+        self.attn_norm = stacked(lambda h: h.attention_norm.weight)[:, None]  # (H, 1, dim)
+        self.ffn_norm = stacked(lambda h: h.ffn_norm.weight)[:, None]
+        a = [h.attention for h in heads]
+        f = [h.feed_forward for h in heads]
+        self.wqkv = torch.stack([torch.cat([x.wq.weight, x.wk.weight, x.wv.weight]).t() for x in a]).detach()
+        self.wo = torch.stack([x.wo.weight.t() for x in a]).detach()
+        self.w13 = torch.stack([torch.cat([x.w1.weight, x.w3.weight]).t() for x in f]).detach()  # type: ignore[union-attr]
+        self.w2 = torch.stack([x.w2.weight.t() for x in f]).detach()
+        self.ffn_dim = cfg.ffn_dim
+        self.cache_k = torch.zeros((len(heads), *cache_shape), dtype=dtype, device=device)
+        self.cache_v = torch.zeros_like(self.cache_k)
+        for i, x in enumerate(a):
+            x.cache_k, x.cache_v = self.cache_k[i], self.cache_v[i]
+
+    @staticmethod
+    def supports(cfg: ModelConfig) -> bool:
+        return (cfg.head_type == "parallel" and cfg.n_future > 2 and cfg.norm == "rms" and cfg.mlp == "swiglu"
+                and not cfg.bias and not cfg.attn_bias and cfg.pos_emb == "rope")
+
+    def _norm(self, x: Tensor, weight: Tensor) -> Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * weight
+
+    def __call__(self, z: Tensor, rope: tuple[Tensor, ...], ctx: CacheContext) -> Tensor:
+        """Hidden states (B, S, H, dim) of the stacked heads on trunk outputs z (B, S, dim)."""
+        B, S, dim = z.shape
+        H, nh, nkv, hd = self.cache_k.shape[0], self.n_heads, self.n_kv_heads, self.head_dim
+        x = z.reshape(1, B * S, dim)
+        qkv = torch.matmul(self._norm(x, self.attn_norm), self.wqkv)  # (H, B*S, (nh + 2 nkv) hd)
+        q, k, v = qkv.view(H, B, S, nh + 2 * nkv, hd).split([nh, nkv, nkv], dim=3)
+        cos, sin = (t.expand(H, -1, -1, -1).reshape(H * B, S, hd) for t in rope)  # (B, S, hd) per head
+        q, k = (apply_rope(t.reshape(H * B, S, -1, hd), cos, sin) for t in (q, k))
+        self.cache_k[:, ctx.rows, ctx.slots] = k.view(H, B, S, nkv, hd).to(self.cache_k.dtype)
+        self.cache_v[:, ctx.rows, ctx.slots] = v.to(self.cache_v.dtype)
+        rows = slice(0, B) if ctx.leading else ctx.rows[:, 0]
+        L = self.cache_k.shape[2]
+        keys = self.cache_k[:, rows].reshape(H * B, L, nkv, hd).transpose(1, 2).to(q.dtype)
+        values = self.cache_v[:, rows].reshape(H * B, L, nkv, hd).transpose(1, 2).to(q.dtype)
+        mask = ctx.mask[None].expand(H, -1, -1, -1).reshape(H * B, 1, S, L)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask,
+                                             enable_gqa=nkv != nh)  # (H*B, nh, S, hd)
+        h = x + torch.matmul(out.transpose(1, 2).reshape(H, B * S, nh * hd), self.wo)
+        w1x, w3x = torch.matmul(self._norm(h, self.ffn_norm), self.w13).split(self.ffn_dim, dim=-1)
+        h = h + torch.matmul(F.silu(w1x) * w3x, self.w2)
+        return h.view(H, B, S, dim).permute(1, 2, 0, 3)
+
+
 class MTPModel(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -356,6 +420,7 @@ class MTPModel(nn.Module):
         self.output = Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.cache_batch = 0
         self.cache_len = 0
+        self.draft_stack: DraftStack | None = None  # set by setup_cache for parallel heads
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -463,6 +528,8 @@ class MTPModel(nn.Module):
         (B, T, heads - len(done), dim). Speculative decoding verifies with head 1 at every draft
         node and runs the draft heads afterwards on the accepted tokens only."""
         ctx = self.cache_context(z[..., 0], input_pos, slots, None)
+        if self.draft_stack is not None and len(done) == 1 and heads == self.cfg.n_future:
+            return self.draft_stack(z, self.rope(input_pos), ctx)
         outs = self.head_hidden(z, self.rope(input_pos), ctx, heads, done)
         return torch.stack(outs[len(done):], dim=2)
 
@@ -483,6 +550,9 @@ class MTPModel(nn.Module):
             if isinstance(m, Attention):
                 m.cache_k = torch.zeros(shape, dtype=dtype, device=device)
                 m.cache_v = torch.zeros(shape, dtype=dtype, device=device)
+        self.draft_stack = None
+        if DraftStack.supports(self.cfg):
+            self.draft_stack = DraftStack(list(self.heads)[1:], self.cfg, shape, dtype, device)  # type: ignore[arg-type]
         self.set_invariant(True)
         self.cache_batch, self.cache_len = max_batch, length
 
@@ -490,6 +560,7 @@ class MTPModel(nn.Module):
         for m in self.modules():
             if isinstance(m, Attention):
                 m.cache_k = m.cache_v = None
+        self.draft_stack = None
         self.set_invariant(False)
         self.cache_batch = self.cache_len = 0
 
