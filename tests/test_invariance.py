@@ -65,6 +65,9 @@ def test_every_mode_batched_and_alone_equals_greedy_alone(dtype):
     assert [speculative_generate(model, [p], n, k=3).tokens[0] for p in ps] == alone
     assert tree_generate(model, ps, n).tokens == alone
     assert tree_generate(model, ps, n, tree=(2, 2, 2), batch_size=5).tokens == alone
+    for drafter in ("lookup", "both"):
+        assert speculative_generate(model, ps, n, k=3, drafter=drafter).tokens == alone, drafter
+        assert speculative_generate(model, ps, n, k=2, drafter=drafter, batch_size=3).tokens == alone, drafter
     assert [tree_generate(model, [p], n).tokens[0] for p in ps] == alone
 
 
@@ -74,3 +77,16 @@ def test_other_head_types_are_exact_in_bf16(head_type):
     alone = [generate(model, [p], n).tokens[0] for p in ps]
     assert speculative_generate(model, ps, n).tokens == alone
     assert tree_generate(model, ps, n).tokens == alone
+
+
+def test_prompt_lookup_on_a_one_head_model_equals_greedy_and_accepts_repeats():
+    # A model with no draft heads: prompt lookup is its only drafter. Prompts that repeat a
+    # pattern give the lookup something to find; fp32 and bf16 both stay exact.
+    for dtype in DTYPES.values():
+        torch.manual_seed(0)
+        model = MTPModel(ModelConfig.from_preset("tiny", n_future=1, init_std=0.2)).eval().to(dtype)
+        ps = [[5, 6, 7, 8] * 6, [9, 1, 9, 2, 9, 3] * 4] + prompts(seed=4, count=3)
+        alone = [generate(model, [p], 30).tokens[0] for p in ps]
+        out = speculative_generate(model, ps, 30, k=4, drafter="lookup")
+        assert out.tokens == alone
+        assert out.forwards > 0 and len(out.acceptance_rates) == 4

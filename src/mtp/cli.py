@@ -280,6 +280,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
                          "ignored: use --temperature 0, or --speculative k to sample")
     if spec is not None and spec != "tree" and not spec.isdigit():
         raise ValueError(f"--speculative takes a number of drafts k or 'tree', got {spec!r}")
+    if args.drafter != "heads" and (spec is None or spec == "tree"):
+        raise ValueError(f"--drafter {args.drafter} drafts a chain: give it with --speculative k")
     prompts = _read_prompts(args)
     if not prompts:
         raise ValueError("give a --prompt or a --batch file of prompts")
@@ -301,7 +303,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     else:
         res = speculative_generate(model, ids, args.max_new_tokens, k=int(spec), temperature=args.temperature,
                                    top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_tokens=stop,
-                                   on_tokens=stream, batch_size=args.batch_size)
+                                   on_tokens=stream, batch_size=args.batch_size, drafter=args.drafter)
     if stream is not None:
         stream.finish()
     else:
@@ -364,14 +366,45 @@ def cmd_bench_decode(args: argparse.Namespace) -> None:
     model = _to_dtype(model, args.dtype)
     if tok is None:
         raise ValueError(f"{args.checkpoint} has no tokenizer.json; cannot encode prompts")
-    prompts = _read_prompts(args) or default_bench_prompts()
-    ids = [tok.encode(p) for p in prompts]
+    prompts = _read_prompts(args) + (_read_prompt_file(Path(args.prompts)) if args.prompts else [])
+    ids = [tok.encode(p) for p in prompts or default_bench_prompts()]
     modes = args.modes or default_modes(model)
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    table: list[dict[str, Any]] = []
     for bs in args.batch_size:
         count = args.requests or max(bs, len(ids))
         requests = (ids * -(-count // len(ids)))[:count]  # prompts repeated as often as needed
         rows = decode_benchmark(model, requests, args.max_new_tokens, modes, batch_size=bs, repeats=args.repeats)
+        print(f"[{dtype}, {torch_threads()} threads]")
         print(format_table(rows), flush=True)
+        table += [{"dtype": dtype, **r, "same_as_greedy": r["matches_greedy"]} for r in rows]
+    if args.json:
+        from .fsutil import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps(table, indent=1) + "\n")
+        print(f"[{len(table)} rows written to {args.json}]", file=sys.stderr)
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def _read_prompt_file(path: Path) -> list[str]:
+    """Prompts of a --prompts file: JSONL (one {"prompt": ...} per line), or plain text where
+    prompts are separated by blank lines (kept verbatim otherwise, trailing indentation included)."""
+    if not path.is_file():
+        raise ValueError(f"prompt file {path} does not exist")
+    text = path.read_text()
+    lines = [line for line in text.splitlines() if line.strip()]
+    if lines and all(line.lstrip().startswith("{") for line in lines):
+        return [_jsonl_prompt(path, n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    prompts = [p.strip("\n") for p in text.split("\n\n")]
+    prompts = [p for p in prompts if p.strip()]
+    if not prompts:
+        raise ValueError(f"prompt file {path} holds no prompts")
+    return prompts
 
 
 def default_bench_prompts() -> list[str]:
@@ -513,6 +546,10 @@ def build_parser() -> argparse.ArgumentParser:
     pg.add_argument("--batch", help="file of prompts, one per line (\\n escapes) or JSONL with a 'prompt' key")
     pg.add_argument("--speculative", default=None,
                     help="k (drafts from heads 2..k+1, any temperature) or 'tree' (greedy only) (default: off)")
+    pg.add_argument("--drafter", default="heads", choices=["heads", "lookup", "both"],
+                    help="with --speculative k, greedy: drafts from the heads, from prompt lookup (n-gram matches "
+                         "in the prompt and output; any model), or lookup where it matches, else heads "
+                         "(default: heads)")
     pg.add_argument("--batch-size", type=int, default=None,
                     help="decode this many prompts at once, a finished row taking the next (default: all)")
     pg.add_argument("--max-new-tokens", type=int, default=128,
@@ -529,17 +566,22 @@ def build_parser() -> argparse.ArgumentParser:
     pb = sub.add_parser("bench", help="benchmarks")
     bsub = pb.add_subparsers(dest="bench", required=True)
     pbd = bsub.add_parser("decode", help="plain greedy vs self-speculative decoding, side by side")
-    pbd.add_argument("--checkpoint", required=True)
-    pbd.add_argument("--prompt", action="append")
-    pbd.add_argument("--batch", help="file of prompts")
+    pbd.add_argument("--checkpoint", required=True, help=CKPT_HELP)
+    pbd.add_argument("--prompt", action="append", help="prompt text (repeatable)")
+    pbd.add_argument("--batch", help="file of prompts, one per line (\\n escapes) or JSONL with a 'prompt' key")
+    pbd.add_argument("--prompts", help="file of prompts: JSONL with a 'prompt' key, or plain text prompts separated "
+                                       "by blank lines (default: 8 held-out code prompts)")
+    pbd.add_argument("--json", default=None, help="also write every row of the tables to this JSON file")
     pbd.add_argument("--batch-size", type=int, nargs="+", default=[1],
                      help="rows decoded together; a finished row takes the next prompt (continuous batching)")
     pbd.add_argument("--requests", type=int, default=None,
                      help="prompts decoded per mode, the given ones repeated (default: max(batch size, prompts))")
     pbd.add_argument("--repeats", type=int, default=2, help="timed runs per mode, interleaved; the best counts")
-    pbd.add_argument("--max-new-tokens", type=int, default=128)
-    pbd.add_argument("--modes", nargs="+", default=None, help="e.g. greedy spec1 spec2 spec3 tree")
-    pbd.add_argument("--device", default="auto")
+    pbd.add_argument("--max-new-tokens", type=int, default=128, help="tokens per request (default: 128)")
+    pbd.add_argument("--modes", nargs="+", default=None,
+                     help="greedy, spec<k> (k head drafts), spec<k>+lookup (prompt lookup where it matches, else "
+                          "heads), lookup<k> (prompt lookup alone), tree, tree:3,2,1 (default: all that fit)")
+    pbd.add_argument("--device", default="auto", help=DEVICE_HELP)
     pbd.add_argument("--dtype", default="auto", choices=DTYPES, help=DTYPE_HELP)
     pbd.set_defaults(func=cmd_bench_decode)
 

@@ -40,9 +40,12 @@ from .generate import (
     check_sampling, commit_rows, generate, make_generator, prefill, prefill_rows, sampling_probs,
     scratch_slots, setup_decode_cache, token_limits,
 )
+from .lookup import NGramIndex
 from .model import MTPModel
 
 DEFAULT_TREE = (3, 2, 1)  # candidates taken from heads 2, 3, 4
+DRAFTERS = ("heads", "lookup", "both")  # the model's heads, prompt lookup, lookup where it matches else heads
+LOOKUP_MAX_N = 3  # longest n-gram prompt lookup matches
 
 
 # ----- draft trees ------------------------------------------------------------------------------
@@ -250,7 +253,7 @@ def verify_forward(model: MTPModel, tree: DraftTree, tables: TreeTables, block: 
     decides what is accepted, and the draft heads are needed only on the accepted path
     (`draft_hidden`), so running them on every node would be wasted work."""
     mask = None if tree.is_chain else tree_mask(block, tables.ancestors, model.cache_len)
-    heads = tree.depth + 1 if model.cfg.head_type == "anticausal" else 1
+    heads = min(tree.depth + 1, model.cfg.n_future) if model.cfg.head_type == "anticausal" else 1
     return model.trunk_and_heads(nodes, block.positions, slots=block.slots, mask=mask, heads=heads)
 
 
@@ -317,25 +320,55 @@ class Decoder:
     stats: DraftStats
     cache_len: int
     on_tokens: TokenCallback | None
+    drafter: str = "heads"  # see DRAFTERS
+    lookups: dict[int, NGramIndex] = field(default_factory=dict)  # per request, for prompt lookup
+
+    @property
+    def heads(self) -> int:
+        """Heads run at a verified position: 1 when drafts come from prompt lookup alone."""
+        return 1 if self.drafter == "lookup" else self.tree.depth + 1
+
+    def propose(self, head_drafts: Tensor | None) -> Tensor:
+        """Draft tokens (B, k) of a chain: the heads' (drafter "heads"); prompt lookup's where the
+        text's suffix occurred before, else the heads' ("both") or a repeat of the last token."""
+        if self.drafter == "heads":
+            assert head_drafts is not None
+            return head_drafts
+        k, st = self.tree.depth, self.state
+        fallback = head_drafts.tolist() if head_drafts is not None else None
+        rows = []
+        for r in range(st.batch):
+            q = st.request[r]
+            history = st.prompts[q] + st.out[q]
+            found = self.lookups.setdefault(q, NGramIndex(LOOKUP_MAX_N)).propose(history, k) if st.is_active(r) else []
+            rest = fallback[r][len(found):] if fallback is not None else [history[-1]] * (k - len(found))
+            rows.append(found + rest)
+        return torch.tensor(rows, dtype=torch.long, device=self.tables.depth.device)
 
 
 def start_decoder(model: MTPModel, prompts: list[list[int]], max_new_tokens: int, tree: DraftTree,
                   stop_tokens: Collection[int], on_tokens: TokenCallback | None,
-                  batch_size: int | None = None) -> tuple[Decoder, Tensor | None]:
+                  batch_size: int | None = None, drafter: str = "heads") -> tuple[Decoder, Tensor | None]:
     """Check the request, set up the cache and prefill the first batch of rows; returns the
-    decoder and the prefill logits (B, depth+1, V), or None when no row has anything to generate."""
+    decoder and the prefill logits (B, heads, V), or None when no row has anything to generate."""
     check_prompts(model, prompts, max_new_tokens)
-    check_tree(model, tree)
+    if drafter not in DRAFTERS:
+        raise GenerationError(f"drafter must be one of {', '.join(DRAFTERS)}, got {drafter!r}")
+    if drafter != "heads" and not tree.is_chain:
+        raise GenerationError("prompt lookup drafts a chain; use it with k drafts, not a tree")
+    if drafter != "lookup":
+        check_tree(model, tree)
     device = next(model.parameters()).device
     limits = token_limits(model, prompts, max_new_tokens)
     state = RowState(prompts, limits, stop_tokens, batch_size)
     state.refill()
     cache_len = cache_length(prompts, limits, slack=tree.size, max_seq_len=model.cfg.max_seq_len)
-    dec = Decoder(model, tree, tree.tables(device), state, DraftStats(tree.depth, device), cache_len, on_tokens)
+    dec = Decoder(model, tree, tree.tables(device), state, DraftStats(tree.depth, device), cache_len, on_tokens,
+                  drafter)
     if not state.active_rows():
         return dec, None
     setup_decode_cache(model, state.batch, cache_len)
-    return dec, prefill_rows(model, state, range(state.batch), heads=tree.depth + 1)
+    return dec, prefill_rows(model, state, range(state.batch), heads=dec.heads)
 
 
 # First tokens (R,) and drafts (R, depth, ...) from prefill logits (R, depth+1, V).
@@ -354,7 +387,7 @@ def refill_rows(dec: Decoder, pick: Pick, pending: Tensor, drafts: Tensor) -> tu
     """Continuous batching: rows whose request finished take the next prompts; each is prefilled
     and its first token committed (again, while rows finish at once). Updates pending / drafts."""
     while rows := dec.state.refill():
-        first, new_drafts = pick(prefill_rows(dec.model, dec.state, rows, heads=dec.tree.depth + 1))
+        first, new_drafts = pick(prefill_rows(dec.model, dec.state, rows, heads=dec.heads))
         index = torch.tensor(rows, device=pending.device)
         pending[index], drafts[index] = first, new_drafts
         commit_rows(dec.state, rows, [[t] for t in first.tolist()], dec.on_tokens)
@@ -372,7 +405,8 @@ def commit_block(dec: Decoder, nodes: Tensor, best: Tensor, accepted: Tensor, fi
 def greedy_step(dec: Decoder, pending: Tensor, draft_logits: Tensor) -> tuple[Tensor, Tensor]:
     """One verify pass; returns the next pending tokens (B,) and draft logits (B, depth, V)."""
     block = block_layout(dec.state, dec.tables, dec.cache_len)
-    nodes = torch.cat([pending[:, None], draft_tokens(draft_logits, dec.tree, dec.tables)], dim=1)
+    head_drafts = draft_tokens(draft_logits, dec.tree, dec.tables) if dec.heads > 1 else None
+    nodes = torch.cat([pending[:, None], dec.propose(head_drafts)], dim=1)
     z, hidden = verify_forward(dec.model, dec.tree, dec.tables, block, nodes, dec.cache_len)
     verdict = dec.model.unembed(hidden[:, :, 0]).argmax(-1)  # head 1: the greedy token after each node
     best = accepted_node(nodes, verdict, block, dec.tables)
@@ -385,6 +419,8 @@ def greedy_step(dec: Decoder, pending: Tensor, draft_logits: Tensor) -> tuple[Te
     dec.stats.update(accepted, max_useful_depth(block, dec.tables), block.active)
     dec.state.count_forward()
     commit_block(dec, nodes, best, accepted, bonus)
+    if dec.heads == 1:  # prompt lookup alone: no draft heads to run
+        return bonus, draft_logits
     drafts = draft_hidden(dec, block, z, hidden, best, accepted)
     return bonus, dec.model.unembed(drafts)
 
@@ -396,10 +432,11 @@ def pick_greedy(logits: Tensor) -> tuple[Tensor, Tensor]:
 @torch.no_grad()
 def greedy_tree_decode(model: MTPModel, prompts: list[list[int]], max_new_tokens: int, tree: DraftTree, *,
                        stop_tokens: Collection[int] = (), on_tokens: TokenCallback | None = None,
-                       batch_size: int | None = None) -> SpeculativeResult:
+                       batch_size: int | None = None, drafter: str = "heads") -> SpeculativeResult:
     """Greedy self-speculative decoding with any draft tree (a chain is the 1-wide tree).
-    `batch_size`: continuous batching as in `generate`."""
-    dec, logits = start_decoder(model, prompts, max_new_tokens, tree, stop_tokens, on_tokens, batch_size)
+    `batch_size`: continuous batching as in `generate`; `drafter`: see DRAFTERS (chains only
+    for prompt lookup)."""
+    dec, logits = start_decoder(model, prompts, max_new_tokens, tree, stop_tokens, on_tokens, batch_size, drafter)
     if logits is None:
         return dec.stats.finish(dec.state)
     pending, draft_logits = first_tokens(dec, logits, pick_greedy)
@@ -412,18 +449,30 @@ def speculative_generate(model: MTPModel, prompts: list[list[int]], max_new_toke
                          k: int | None = None, temperature: float = 0.0, top_k: int | None = None,
                          top_p: float | None = None, seed: int | None = None,
                          stop_tokens: Collection[int] = (), on_tokens: TokenCallback | None = None,
-                         batch_size: int | None = None) -> SpeculativeResult:
+                         batch_size: int | None = None, drafter: str = "heads") -> SpeculativeResult:
     """Self-speculative decoding with k drafts from heads 2..k+1 (default n_future - 1).
 
     temperature == 0: greedy blockwise parallel decoding, the same tokens as greedy `generate` in
     fewer forwards. temperature > 0: `speculative_sample`, distributed exactly as `generate` with
-    the same temperature / top_k / top_p. `batch_size`: continuous batching as in `generate`."""
+    the same temperature / top_k / top_p. `batch_size`: continuous batching as in `generate`.
+    `drafter` (greedy only): "heads", "lookup" (prompt lookup, `mtp.lookup`: works for any model,
+    k defaults to 3) or "both" (lookup where the text's suffix occurred before, else the heads)."""
+    if drafter == "lookup":
+        if temperature != 0:
+            raise GenerationError("prompt lookup drafts are verified greedily; use temperature 0")
+        k = 3 if k is None else k
+        if k < 1:
+            raise GenerationError(f"k must be >= 1 drafts, got k={k}")
+        return greedy_tree_decode(model, prompts, max_new_tokens, DraftTree.chain(k), stop_tokens=stop_tokens,
+                                  on_tokens=on_tokens, batch_size=batch_size, drafter=drafter)
     if temperature != 0:
+        if drafter != "heads":
+            raise GenerationError("prompt lookup drafts are verified greedily; use temperature 0")
         return speculative_sample(model, prompts, max_new_tokens, k=k, temperature=temperature, top_k=top_k,
                                   top_p=top_p, seed=seed, stop_tokens=stop_tokens, on_tokens=on_tokens,
                                   batch_size=batch_size)
     return greedy_tree_decode(model, prompts, max_new_tokens, chain_for(model, k),
-                              stop_tokens=stop_tokens, on_tokens=on_tokens, batch_size=batch_size)
+                              stop_tokens=stop_tokens, on_tokens=on_tokens, batch_size=batch_size, drafter=drafter)
 
 
 def tree_generate(model: MTPModel, prompts: list[list[int]], max_new_tokens: int, *,
@@ -522,24 +571,34 @@ Runner = Callable[[list[list[int]], int, int], GenerationResult]  # (prompts, ma
 
 
 def default_modes(model: MTPModel) -> list[str]:
-    """greedy, a chain for every usable k, and the default tree (just greedy for n_future = 1)."""
+    """greedy, a chain for every usable k, the default tree, prompt lookup and heads + lookup
+    (greedy and lookup3 for n_future = 1)."""
     draft_heads = model.cfg.n_future - 1
-    return ["greedy"] + [f"spec{k}" for k in range(1, draft_heads + 1)] + (["tree"] if draft_heads else [])
+    heads = [f"spec{k}" for k in range(1, draft_heads + 1)] + ["tree", f"spec{draft_heads}+lookup"]
+    return ["greedy"] + (heads if draft_heads else []) + ["lookup3"]
 
 
 def mode_runner(model: MTPModel, mode: str) -> Runner:
-    """greedy | spec<k> (chain of k drafts) | tree (default tree) | tree:3,2,1 (given widths)."""
+    """greedy | spec<k> (chain of k drafts) | spec<k>+lookup (prompt lookup where it matches, else
+    the heads) | lookup<k> (prompt lookup alone) | tree (default tree) | tree:3,2,1 (given widths)."""
     if mode == "greedy":
         return lambda prompts, n, batch: generate(model, prompts, n, batch_size=batch)
-    if mode.startswith("spec") and mode[4:].isdigit():
-        k = int(mode[4:])
+    if mode.startswith("spec") and mode[4:].removesuffix("+lookup").isdigit():
+        k = int(mode[4:].removesuffix("+lookup"))
+        drafter = "both" if mode.endswith("+lookup") else "heads"
         chain_for(model, k)  # fail before timing anything
-        return lambda prompts, n, batch: speculative_generate(model, prompts, n, k=k, batch_size=batch)
+        return lambda prompts, n, batch: speculative_generate(model, prompts, n, k=k, batch_size=batch,
+                                                              drafter=drafter)
+    if mode.startswith("lookup") and mode[6:].isdigit() and int(mode[6:]) >= 1:
+        k = int(mode[6:])
+        return lambda prompts, n, batch: speculative_generate(model, prompts, n, k=k, batch_size=batch,
+                                                              drafter="lookup")
     if mode == "tree" or mode.startswith("tree:"):
         tree = default_tree(model.cfg.n_future) if mode == "tree" else parse_tree(mode[5:])
         check_tree(model, tree)
         return lambda prompts, n, batch: tree_generate(model, prompts, n, tree=tree, batch_size=batch)
-    raise GenerationError(f"unknown decoding mode {mode!r}; use greedy, spec<k>, tree or tree:3,2,1")
+    raise GenerationError(f"unknown decoding mode {mode!r}; use greedy, spec<k>, spec<k>+lookup, lookup<k>, "
+                          "tree or tree:3,2,1")
 
 
 def parse_tree(text: str) -> DraftTree:
