@@ -257,12 +257,27 @@ class Attention(nn.Module):
         self.wo = Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.bias)
         self.cache_k: Tensor | None = None  # (B, L, H_kv, hd), set by MTPModel.setup_cache
         self.cache_v: Tensor | None = None
+        self.fused: tuple[Tensor, Tensor | None] | None = None  # [wq; wk; wv] while decoding (see `fuse`)
+
+    def fuse(self, on: bool) -> None:
+        """While decoding, q/k/v come from one matmul over the stacked weights (a copy): fewer,
+        larger calls, which is what small-batch decoding on a CPU pays for."""
+        self.fused = None
+        if on:
+            lin = (self.wq, self.wk, self.wv)
+            bias = torch.cat([m.bias for m in lin]).detach() if self.wq.bias is not None else None  # type: ignore[misc]
+            self.fused = (torch.cat([m.weight for m in lin]).detach(), bias)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, ...], ctx: "CacheContext | None") -> Tensor:
         B, S, _ = x.shape
-        q = self.wq(x).view(B, S, self.n_heads, self.head_dim)
-        k = self.wk(x).view(B, S, self.n_kv_heads, self.head_dim)
-        v = self.wv(x).view(B, S, self.n_kv_heads, self.head_dim)
+        if self.fused is not None:
+            qkv = invariant_linear(x, *self.fused)
+            q, k, v = qkv.split([self.n_heads * self.head_dim] + [self.n_kv_heads * self.head_dim] * 2, dim=-1)
+        else:
+            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        q = q.reshape(B, S, self.n_heads, self.head_dim)
+        k = k.reshape(B, S, self.n_kv_heads, self.head_dim)
+        v = v.reshape(B, S, self.n_kv_heads, self.head_dim)
         if self.use_rope:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if ctx is None:
@@ -297,10 +312,21 @@ class FeedForward(nn.Module):
         self.w1 = Linear(cfg.dim, cfg.ffn_dim, bias=cfg.bias)
         self.w2 = Linear(cfg.ffn_dim, cfg.dim, bias=cfg.bias)
         self.w3 = Linear(cfg.dim, cfg.ffn_dim, bias=cfg.bias) if cfg.mlp == "swiglu" else None
+        self.fused: tuple[Tensor, Tensor | None] | None = None  # [w1; w3] while decoding
+
+    def fuse(self, on: bool) -> None:
+        """As Attention.fuse: w1 and w3 as one matmul while decoding."""
+        self.fused = None
+        if on and self.w3 is not None:
+            bias = torch.cat([self.w1.bias, self.w3.bias]).detach() if self.w1.bias is not None else None
+            self.fused = (torch.cat([self.w1.weight, self.w3.weight]).detach(), bias)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.w3 is None:
             return self.w2(F.gelu(self.w1(x), approximate="tanh"))  # GPT-2's gelu_new
+        if self.fused is not None:
+            a, b = invariant_linear(x, *self.fused).chunk(2, dim=-1)
+            return self.w2(F.silu(a) * b)
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
@@ -565,10 +591,13 @@ class MTPModel(nn.Module):
         self.cache_batch = self.cache_len = 0
 
     def set_invariant(self, on: bool) -> None:
-        """Batch-invariant matmuls (slower for many rows) on or off; on while a cache is set up."""
+        """Batch-invariant matmuls (slower for many rows) and fused q/k/v and w1/w3 weights (a
+        copy of those weights) on or off; on while a cache is set up."""
         for m in self.modules():
             if isinstance(m, Linear):
                 m.invariant = on
+            elif isinstance(m, (Attention, FeedForward)):
+                m.fuse(on)
 
     def cache_context(self, tokens: Tensor, input_pos: Tensor, slots: Tensor | None,
                       mask: Tensor | None, rows: Tensor | None = None) -> CacheContext:
