@@ -119,7 +119,7 @@ def test_cache_errors():
     m.setup_cache(1, 8)
     with pytest.raises(ConfigError, match="exceeds the cache's max_batch"):
         m(torch.zeros(2, 1, dtype=torch.long), torch.tensor([0]))
-    assert m.cache_len == 512  # rounded up to KV_BLOCK; values are not checked (no host sync)
+    assert m.cache_len == 512  # rounded up to kv_block(fp32); values are not checked (no host sync)
     with pytest.raises(IndexError):
         m(torch.zeros(1, 1, dtype=torch.long), torch.tensor([m.cache_len]))
     with pytest.raises(ConfigError, match="exceeds max_seq_len"):

@@ -153,25 +153,51 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 # ----- batch-invariant kernels ------------------------------------------------------------------
 # Decoding must give a token the same logits, bit for bit, whatever else is in the pass (other
-# rows, draft tokens, tree nodes), or speculative output drifts from greedy output. Measured on
-# this CPU (torch 2.13, 20 weight shapes, 1 and 2 threads): a bf16 matmul's rows are bitwise the
-# same for every M <= 32 rows (not beyond at 49152x576); an fp32 one's change with M at a
-# threshold that depends on K and the thread count (3 at K=64, 16 at K=576) and at M = 1 (a gemv),
-# so fp32 calls always take exactly 2 rows. SDPA's output for a query does not depend on the
-# number of queries (bf16) or for >= 2 queries (fp32), nor on the key length once it is a
-# multiple of KV_BLOCK with the tail masked. So cached forwards tile matmul rows into such
-# blocks, pad a lone fp32 query to two, and attend over the whole cache, rounded up to KV_BLOCK.
-KV_BLOCK = 512
+# rows, draft tokens, tree nodes), or speculative output drifts from greedy output. A matmul
+# library picks its kernel by the number of rows M, and kernels round differently. Measured on
+# this CPU (torch 2.13, 20 weight shapes, 1 and 2 threads): bf16 rows are bitwise the same for
+# every M up to 80 at most shapes but only up to 32 at 49152x576; fp32 rows change at a threshold
+# that depends on K and the thread count (3 at K=64, 16 at K=576), and M = 1 (a gemv) rounds
+# differently from M >= 2. So each weight shape is calibrated once (`row_block`): the largest
+# block of rows, and the fewest rows, for which every row comes out the same; cached forwards
+# cut matmuls into such blocks. SDPA's output for a query does not depend on the number of
+# queries (bf16) or for >= 2 queries (fp32), nor on the key length once it is a multiple of
+# `kv_block` with the tail masked (512 in fp32; in bf16 any length, measured at multiples of 64):
+# cached forwards pad a lone fp32 query to two and attend over the whole cache, rounded up so.
+def kv_block(dtype: torch.dtype) -> int:
+    """Cache lengths are multiples of this, so attention numerics do not depend on the length."""
+    return 64 if dtype in (torch.bfloat16, torch.float16) else 512
+
+ROW_BLOCKS = (64, 32, 16, 8, 4, 2)  # candidate blocks, largest first
+_row_blocks: dict[tuple[Any, ...], tuple[int, int]] = {}
 
 
-def row_block(dtype: torch.dtype) -> tuple[int, int]:
-    """(most, fewest) rows per matmul call for which every row's result is the same."""
-    return (32, 1) if dtype in (torch.bfloat16, torch.float16) else (2, 2)
+def row_block(weight: Tensor, bias: Tensor | None = None) -> tuple[int, int]:
+    """(most, fewest) rows per F.linear call with this weight for which each row's result does
+    not depend on the call's other rows; measured once per shape, dtype, device and threads."""
+    key = (weight.shape, weight.dtype, weight.device, bias is None, torch.get_num_threads())
+    if key not in _row_blocks:
+        _row_blocks[key] = _calibrate(weight, bias)
+    return _row_blocks[key]
+
+
+@torch.no_grad()
+def _calibrate(weight: Tensor, bias: Tensor | None) -> tuple[int, int]:
+    # Kernel choice depends on shapes, not values, so one random input tells them apart.
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(ROW_BLOCKS[0], weight.shape[1], generator=g).to(weight.device, weight.dtype)
+    full = F.linear(x, weight, bias)
+    fewest = 1 if torch.equal(F.linear(x[:1], weight, bias), F.linear(x[:2], weight, bias)[:1]) else 2
+    for most in ROW_BLOCKS:
+        ref = full if most == ROW_BLOCKS[0] else F.linear(x[:most], weight, bias)
+        if all(torch.equal(F.linear(x[:m], weight, bias), ref[:m]) for m in range(fewest, most)):
+            return most, fewest
+    return 2, 2  # not reached: most=2 with fewest=2 compares nothing
 
 
 def invariant_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """F.linear computed in row blocks, so each output row is bitwise independent of the others."""
-    most, fewest = row_block(x.dtype)
+    most, fewest = row_block(weight, bias)
     flat = x.reshape(-1, x.shape[-1])
     m = flat.shape[0]
     if fewest <= m <= most:
@@ -184,6 +210,11 @@ def invariant_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
             part = torch.cat([part] * fewest)
         parts.append(F.linear(part, weight, bias)[:n])
     return torch.cat(parts).view(*x.shape[:-1], weight.shape[0])
+
+
+def _one_query_pads(dtype: torch.dtype) -> bool:
+    """A lone fp32/fp64 query takes another SDPA kernel than two or more (measured on CPU)."""
+    return dtype in (torch.float32, torch.float64)
 
 
 class Linear(nn.Linear):
@@ -295,8 +326,8 @@ class Attention(nn.Module):
             rows = slice(0, B) if ctx.leading else ctx.rows[:, 0]
             keys = self.cache_k[rows].transpose(1, 2).to(q.dtype)
             values = self.cache_v[rows].transpose(1, 2).to(q.dtype)
-            q, mask = q.transpose(1, 2), ctx.mask[:, None]
-            if S < row_block(q.dtype)[1]:  # one query in fp32 takes another kernel: pad to two
+            q, mask = q.transpose(1, 2), ctx.bias
+            if S == 1 and _one_query_pads(q.dtype):  # one query in fp32 takes another kernel: pad to two
                 q, mask = torch.cat([q, q], dim=2), torch.cat([mask, mask], dim=2)
             out = F.scaled_dot_product_attention(
                 q, keys, values, attn_mask=mask, enable_gqa=self.n_kv_heads != self.n_heads,
@@ -361,6 +392,8 @@ class CacheContext:
     rows: Tensor  # (B, 1) cache row of each input row, broadcast against slots
     slots: Tensor  # (B, S) cache slot written by each input token
     mask: Tensor  # (B, S, cache_len) True where the query may attend
+    bias: Tensor  # (B, 1, S, cache_len) the same as an additive mask (0 / -inf) in the cache's dtype,
+    # made once per pass rather than by SDPA in every layer
     leading: bool = True  # rows are 0..B-1, so reads can slice the cache instead of gathering
 
 
@@ -425,7 +458,7 @@ class DraftStack:
         L = self.cache_k.shape[2]
         keys = self.cache_k[:, rows].reshape(H * B, L, nkv, hd).transpose(1, 2).to(q.dtype)
         values = self.cache_v[:, rows].reshape(H * B, L, nkv, hd).transpose(1, 2).to(q.dtype)
-        mask = ctx.mask[None].expand(H, -1, -1, -1).reshape(H * B, 1, S, L)
+        mask = ctx.bias[None].expand(H, -1, -1, -1, -1).reshape(H * B, 1, S, L)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask,
                                              enable_gqa=nkv != nh)  # (H*B, nh, S, hd)
         h = x + torch.matmul(out.transpose(1, 2).reshape(H, B * S, nh * hd), self.wo)
@@ -447,6 +480,7 @@ class MTPModel(nn.Module):
         self.cache_batch = 0
         self.cache_len = 0
         self.draft_stack: DraftStack | None = None  # set by setup_cache for parallel heads
+        self.cache_dtype = torch.float32
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -563,20 +597,21 @@ class MTPModel(nn.Module):
     def setup_cache(self, max_batch: int, max_len: int, dtype: torch.dtype | None = None,
                     device: torch.device | str | None = None) -> None:
         """Allocate key/value buffers for the trunk and every head block, `max_len` positions
-        rounded up to a multiple of KV_BLOCK, and switch the matmuls to batch-invariant row
+        rounded up to a multiple of `kv_block`, and switch the matmuls to batch-invariant row
         blocks (see `invariant_linear`) until `clear_cache`."""
         if max_len > self.cfg.max_seq_len:
             raise ConfigError(f"cache length {max_len} exceeds max_seq_len={self.cfg.max_seq_len}")
         param = next(self.parameters())
         dtype = dtype or param.dtype
         device = device or param.device
-        length = -(-max_len // KV_BLOCK) * KV_BLOCK
+        length = -(-max_len // kv_block(dtype)) * kv_block(dtype)
         shape = (max_batch, length, self.cfg.n_kv_heads, self.cfg.head_dim)
         for m in self.modules():
             if isinstance(m, Attention):
                 m.cache_k = torch.zeros(shape, dtype=dtype, device=device)
                 m.cache_v = torch.zeros(shape, dtype=dtype, device=device)
         self.draft_stack = None
+        self.cache_dtype = dtype
         if DraftStack.supports(self.cfg):
             self.draft_stack = DraftStack(list(self.heads)[1:], self.cfg, shape, dtype, device)  # type: ignore[arg-type]
         self.set_invariant(True)
@@ -615,7 +650,8 @@ class MTPModel(nn.Module):
             raise ConfigError(f"mask covers {mask.shape[-1]} cache slots, the cache has {self.cache_len}")
         leading = rows is None
         rows = torch.arange(B, device=tokens.device) if rows is None else rows
-        return CacheContext(rows=rows[:, None], slots=slots, mask=mask, leading=leading)
+        bias = torch.zeros(mask.shape, dtype=self.cache_dtype, device=mask.device).masked_fill_(~mask, float("-inf"))[:, None]
+        return CacheContext(rows=rows[:, None], slots=slots, mask=mask, bias=bias, leading=leading)
 
     def cache_move(self, rows: Tensor, src: Tensor, dst: Tensor) -> None:
         """Copy cached keys/values from slots `src` to slots `dst` (both (B, K)) for rows (B, 1):
