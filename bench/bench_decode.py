@@ -95,7 +95,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1, help="best of this many timed runs")
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
-                    help="weights and cache dtype (bf16 output may differ from fp32 greedy)")
+                    help="weights and cache dtype (speculative output equals greedy in each)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--ratio-only", action="store_true", help="only the 5-vs-1 token forward times")
     args = ap.parse_args()
     if args.threads:
@@ -106,8 +107,7 @@ def main() -> None:
     else:
         model = synthetic_model(args.train_steps, args.preset, args.n_layers)
         base_prompts = synthetic_prompts(args.prompts, model.cfg.vocab_size)
-    if args.dtype == "bf16":
-        model = model.to(torch.bfloat16)
+    model = model.to(args.device, torch.bfloat16 if args.dtype == "bf16" else torch.float32)
     prompts = [base_prompts[i % len(base_prompts)] for i in range(args.prompts)]
     modes = args.modes or default_modes(model)
     cfg = model.cfg
