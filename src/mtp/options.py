@@ -14,8 +14,10 @@ import types
 import typing
 from typing import Any, Union
 
+from .model import ConfigError
 
-class OptionError(ValueError):
+
+class OptionError(ConfigError):
     """A config value of the wrong type or out of range; one line, meant for users."""
 
 
