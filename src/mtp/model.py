@@ -160,13 +160,15 @@ PRESETS: dict[str, dict[str, Any]] = {
 # that depends on K and the thread count (3 at K=64, 16 at K=576), and M = 1 (a gemv) rounds
 # differently from M >= 2. So each weight shape is calibrated once (`row_block`): the largest
 # block of rows, and the fewest rows, for which every row comes out the same; cached forwards
-# cut matmuls into such blocks. SDPA's output for a query does not depend on the number of
-# queries (bf16) or for >= 2 queries (fp32), nor on the key length once it is a multiple of
-# `kv_block` with the tail masked (512 in fp32; in bf16 any length, measured at multiples of 64):
-# cached forwards pad a lone fp32 query to two and attend over the whole cache, rounded up so.
+# cut matmuls into such blocks. SDPA rounds a query differently with other queries in the call
+# (bf16: rarely, by one ulp; fp32: one query vs two), and with the key length unless it is a
+# multiple of `kv_block` with the tail masked (512 in fp32; in bf16 any length, measured at
+# multiples of 64). So every query gets a call of its own (padded to two queries in fp32), over
+# the whole cache, rounded up to `kv_block`.
 def kv_block(dtype: torch.dtype) -> int:
     """Cache lengths are multiples of this, so attention numerics do not depend on the length."""
     return 64 if dtype in (torch.bfloat16, torch.float16) else 512
+
 
 ROW_BLOCKS = (64, 32, 16, 8, 4, 2)  # candidate blocks, largest first
 _row_blocks: dict[tuple[Any, ...], tuple[int, int]] = {}
@@ -188,11 +190,14 @@ def _calibrate(weight: Tensor, bias: Tensor | None) -> tuple[int, int]:
     x = torch.randn(ROW_BLOCKS[0], weight.shape[1], generator=g).to(weight.device, weight.dtype)
     full = F.linear(x, weight, bias)
     fewest = 1 if torch.equal(F.linear(x[:1], weight, bias), F.linear(x[:2], weight, bias)[:1]) else 2
-    for most in ROW_BLOCKS:
+
+    def invariant(most: int) -> bool:
         ref = full if most == ROW_BLOCKS[0] else F.linear(x[:most], weight, bias)
-        if all(torch.equal(F.linear(x[:m], weight, bias), ref[:m]) for m in range(fewest, most)):
-            return most, fewest
-    return 2, 2  # not reached: most=2 with fewest=2 compares nothing
+        return all(torch.equal(F.linear(x[:m], weight, bias), ref[:m]) for m in range(fewest, most))
+
+    # The last candidate, 2, always passes: with fewest = 2 there is nothing to compare, with
+    # fewest = 1 it repeats the check that set fewest.
+    return next(most for most in ROW_BLOCKS if invariant(most)), fewest
 
 
 def invariant_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -212,9 +217,10 @@ def invariant_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return torch.cat(parts).view(*x.shape[:-1], weight.shape[0])
 
 
-def _one_query_pads(dtype: torch.dtype) -> bool:
-    """A lone fp32/fp64 query takes another SDPA kernel than two or more (measured on CPU)."""
-    return dtype in (torch.float32, torch.float64)
+def sdpa_queries(dtype: torch.dtype) -> int:
+    """Queries per SDPA call: a lone fp32/fp64 query takes another kernel than two (measured on
+    CPU), so those calls carry the query twice."""
+    return 2 if dtype in (torch.float32, torch.float64) else 1
 
 
 class Linear(nn.Linear):
@@ -330,13 +336,11 @@ class Attention(nn.Module):
             # by one bf16 ulp: measured on 1 of 255 to 22 of 1023 key lengths), so every query gets
             # a call of its own: queries fold into the batch, each row of keys repeated per query.
             q = q.reshape(B * S, 1, self.n_heads, self.head_dim).transpose(1, 2)
-            mask = ctx.bias.transpose(1, 2).reshape(B * S, 1, 1, -1)
+            q = q.expand(-1, -1, ctx.bias.shape[2], -1)  # sdpa_queries copies of each query
             if S > 1:
                 keys, values = keys.repeat_interleave(S, dim=0), values.repeat_interleave(S, dim=0)
-            if _one_query_pads(q.dtype):  # one query in fp32 takes another kernel: pad to two
-                q, mask = torch.cat([q, q], dim=2), torch.cat([mask, mask], dim=2)
             out = F.scaled_dot_product_attention(
-                q, keys, values, attn_mask=mask, enable_gqa=self.n_kv_heads != self.n_heads,
+                q, keys, values, attn_mask=ctx.bias, enable_gqa=self.n_kv_heads != self.n_heads,
             )[:, :, 0].reshape(B, S, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, S, hd) as below
         return self.wo(out.transpose(1, 2).reshape(B, S, -1))
 
@@ -397,9 +401,10 @@ class CacheContext:
 
     rows: Tensor  # (B, 1) cache row of each input row, broadcast against slots
     slots: Tensor  # (B, S) cache slot written by each input token
-    mask: Tensor  # (B, S, cache_len) True where the query may attend
-    bias: Tensor  # (B, 1, S, cache_len) the same as an additive mask (0 / -inf) in the cache's dtype,
-    # made once per pass rather than by SDPA in every layer
+    # Which slots each query sees, as an additive mask (0 / -inf) in the cache's dtype, made once
+    # per pass for every layer, in the shape the per-query SDPA calls take:
+    # (B * S, 1, sdpa_queries, cache_len), query (b, s) at row b * S + s.
+    bias: Tensor
     leading: bool = True  # rows are 0..B-1, so reads can slice the cache instead of gathering
 
 
@@ -464,7 +469,7 @@ class DraftStack:
         L = self.cache_k.shape[2]
         keys = self.cache_k[:, rows].reshape(H * B, L, nkv, hd).transpose(1, 2).to(q.dtype)
         values = self.cache_v[:, rows].reshape(H * B, L, nkv, hd).transpose(1, 2).to(q.dtype)
-        mask = ctx.bias[None].expand(H, -1, -1, -1, -1).reshape(H * B, 1, S, L)
+        mask = ctx.bias[:, :, 0].reshape(1, B, 1, S, L).expand(H, -1, -1, -1, -1).reshape(H * B, 1, S, L)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask,
                                              enable_gqa=nkv != nh)  # (H*B, nh, S, hd)
         h = x + torch.matmul(out.transpose(1, 2).reshape(H, B * S, nh * hd), self.wo)
@@ -656,8 +661,9 @@ class MTPModel(nn.Module):
             raise ConfigError(f"mask covers {mask.shape[-1]} cache slots, the cache has {self.cache_len}")
         leading = rows is None
         rows = torch.arange(B, device=tokens.device) if rows is None else rows
-        bias = torch.zeros(mask.shape, dtype=self.cache_dtype, device=mask.device).masked_fill_(~mask, float("-inf"))[:, None]
-        return CacheContext(rows=rows[:, None], slots=slots, mask=mask, bias=bias, leading=leading)
+        bias = torch.zeros(mask.shape, dtype=self.cache_dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+        bias = bias.reshape(B * S, 1, 1, -1).expand(-1, -1, sdpa_queries(self.cache_dtype), -1)
+        return CacheContext(rows=rows[:, None], slots=slots, bias=bias, leading=leading)
 
     def cache_move(self, rows: Tensor, src: Tensor, dst: Tensor) -> None:
         """Copy cached keys/values from slots `src` to slots `dst` (both (B, K)) for rows (B, 1):

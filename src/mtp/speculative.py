@@ -245,8 +245,8 @@ def tree_mask(block: Block, ancestors: Tensor, kv_len: int) -> Tensor:
     return prefix[:, None, :] | own
 
 
-def verify_forward(model: MTPModel, tree: DraftTree, tables: TreeTables, block: Block, nodes: Tensor,
-                   cache_len: int) -> tuple[Tensor, Tensor]:
+def verify_forward(model: MTPModel, tree: DraftTree, tables: TreeTables, block: Block,
+                   nodes: Tensor) -> tuple[Tensor, Tensor]:
     """Trunk output (B, N, dim) and the heads' hidden states (B, N, heads, dim) at every node.
 
     Only head 1 runs here (all heads with anticausal heads, whose head 1 needs the others): it
@@ -407,7 +407,7 @@ def greedy_step(dec: Decoder, pending: Tensor, draft_logits: Tensor) -> tuple[Te
     block = block_layout(dec.state, dec.tables, dec.cache_len)
     head_drafts = draft_tokens(draft_logits, dec.tree, dec.tables) if dec.heads > 1 else None
     nodes = torch.cat([pending[:, None], dec.propose(head_drafts)], dim=1)
-    z, hidden = verify_forward(dec.model, dec.tree, dec.tables, block, nodes, dec.cache_len)
+    z, hidden = verify_forward(dec.model, dec.tree, dec.tables, block, nodes)
     verdict = dec.model.unembed(hidden[:, :, 0]).argmax(-1)  # head 1: the greedy token after each node
     best = accepted_node(nodes, verdict, block, dec.tables)
     accepted = dec.tables.depth[best]
@@ -457,17 +457,15 @@ def speculative_generate(model: MTPModel, prompts: list[list[int]], max_new_toke
     the same temperature / top_k / top_p. `batch_size`: continuous batching as in `generate`.
     `drafter` (greedy only): "heads", "lookup" (prompt lookup, `mtp.lookup`: works for any model,
     k defaults to 3) or "both" (lookup where the text's suffix occurred before, else the heads)."""
+    if temperature != 0 and drafter != "heads":
+        raise GenerationError("prompt lookup drafts are verified greedily; use temperature 0")
     if drafter == "lookup":
-        if temperature != 0:
-            raise GenerationError("prompt lookup drafts are verified greedily; use temperature 0")
         k = 3 if k is None else k
         if k < 1:
             raise GenerationError(f"k must be >= 1 drafts, got k={k}")
         return greedy_tree_decode(model, prompts, max_new_tokens, DraftTree.chain(k), stop_tokens=stop_tokens,
                                   on_tokens=on_tokens, batch_size=batch_size, drafter=drafter)
     if temperature != 0:
-        if drafter != "heads":
-            raise GenerationError("prompt lookup drafts are verified greedily; use temperature 0")
         return speculative_sample(model, prompts, max_new_tokens, k=k, temperature=temperature, top_k=top_k,
                                   top_p=top_p, seed=seed, stop_tokens=stop_tokens, on_tokens=on_tokens,
                                   batch_size=batch_size)
@@ -530,7 +528,7 @@ def sampling_step(dec: Decoder, sampling: Sampling, pending: Tensor, q: Tensor,
     block = block_layout(dec.state, dec.tables, dec.cache_len)
     drafts = draw(q, generator)
     nodes = torch.cat([pending[:, None], drafts], dim=1)
-    z, hidden = verify_forward(dec.model, dec.tree, dec.tables, block, nodes, dec.cache_len)
+    z, hidden = verify_forward(dec.model, dec.tree, dec.tables, block, nodes)
     p = sampling.probs(dec.model.unembed(hidden[:, :, 0]))
     max_depth = max_useful_depth(block, dec.tables)
     accepted, final = rejection_step(p, q, drafts, block.useful[:, 1:], max_depth, generator)
