@@ -3,19 +3,20 @@ cached == uncached forward, and speculative == greedy, batched == alone, in bf16
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 
-from mtp import ModelConfig, MTPModel, generate, speculative_generate
+from mtp import generate, speculative_generate
 from mtp.speculative import tree_generate
+
+from conftest import tiny_model
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
-def model_on_cuda(dtype: torch.dtype, **kw) -> MTPModel:
-    torch.manual_seed(0)
-    cfg = ModelConfig.from_preset("tiny", n_future=4, init_std=0.2, **kw)
-    return MTPModel(cfg).eval().to("cuda", dtype)
+model_on_cuda = partial(tiny_model, device="cuda", n_future=4, init_std=0.2)
 
 
 def prompts(count: int = 8) -> list[list[int]]:
@@ -24,7 +25,7 @@ def prompts(count: int = 8) -> list[list[int]]:
 
 
 def test_cached_forward_close_to_uncached_on_cuda():
-    model = model_on_cuda(torch.float32)
+    model = model_on_cuda(dtype=torch.float32)
     tokens = torch.randint(0, 512, (2, 24), device="cuda")
     ref = model(tokens)
     model.setup_cache(2, 32)
@@ -35,7 +36,7 @@ def test_cached_forward_close_to_uncached_on_cuda():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_speculative_equals_greedy_on_cuda(dtype):
-    model, ps, n = model_on_cuda(dtype), prompts(), 40
+    model, ps, n = model_on_cuda(dtype=dtype), prompts(), 40
     alone = [generate(model, [p], n).tokens[0] for p in ps]
     assert generate(model, ps, n).tokens == alone
     for k in (1, 3):

@@ -21,8 +21,10 @@ from safetensors.torch import load_file
 
 from mtp import distributed
 from mtp.loss import mtp_backward
-from mtp.model import ConfigError, ModelConfig, MTPModel
+from mtp.model import ConfigError, MTPModel
 from mtp.train import TrainConfig, make_optimizer, train
+
+from conftest import tiny_model, tiny_train_fields
 
 # Global batch per micro-batch: 2 sequences; 1 process takes both, 2 processes one each.
 STEPS, SAVE_EVERY = 8, 4
@@ -30,11 +32,9 @@ STEPS, SAVE_EVERY = 8, 4
 
 def run_cfg(data: Path | str, out: Path | str, world: int, **kw: Any) -> dict[str, Any]:
     """A TrainConfig (as a dict, to cross into the workers) for `world` processes."""
-    base = dict(data=str(data), out=str(out), preset="tiny", n_future=2, steps=STEPS, batch_size=2 // world,
-                grad_accum=2, seq_len=32, lr=3e-3, warmup=3, eval_every=SAVE_EVERY, eval_batches=2,
-                save_every=SAVE_EVERY, log_every=1, dtype="fp32", progress=False, chunk_size=20, device="cpu")
-    base.update(kw)
-    return base
+    return tiny_train_fields(data, out, **{"steps": STEPS, "batch_size": 2 // world, "grad_accum": 2,
+                                           "eval_every": SAVE_EVERY, "save_every": SAVE_EVERY, "chunk_size": 20,
+                                           "device": "cpu", **kw})
 
 
 # ----- worker side (inside torchrun) ---------------------------------------------------------------
@@ -43,9 +43,8 @@ def _grads_job(info: distributed.DistInfo, strategy: str, head_type: str) -> dic
     """Two steps of 2 micro-batches through ParallelMTP, against one process on the global batch:
     max gradient difference, and how often each parameter (DDP) or parameter group (FSDP2) was
     reduced in each step."""
-    torch.manual_seed(0)
-    cfg = ModelConfig.from_preset("tiny", n_future=3, head_type=head_type, vocab_size=50)
-    ref, model = MTPModel(cfg), MTPModel(cfg)
+    ref = tiny_model(0, training=True, n_future=3, head_type=head_type, vocab_size=50)
+    model = MTPModel(ref.cfg)
     model.load_state_dict(ref.state_dict())
     gen = torch.Generator().manual_seed(1)
     batches = [torch.randint(0, 50, (4, 19), generator=gen) for _ in range(2)]
@@ -245,8 +244,7 @@ def test_init_without_torchrun_is_one_process(monkeypatch: pytest.MonkeyPatch) -
 
 def test_legacy_optimizer_state_loads_by_name() -> None:
     """Checkpoints written before distributed training hold opt.state_dict() (index keys)."""
-    torch.manual_seed(0)
-    model = MTPModel(ModelConfig.from_preset("tiny", n_future=2, vocab_size=40))
+    model = tiny_model(0, training=True, n_future=2, vocab_size=40)
     opt = make_optimizer(model, TrainConfig())
     mtp_backward(model, torch.randint(0, 40, (2, 10)), seq_len=8)
     opt.step()
@@ -259,8 +257,7 @@ def test_legacy_optimizer_state_loads_by_name() -> None:
 
 
 def test_activation_checkpointing_keeps_gradients() -> None:
-    torch.manual_seed(0)
-    model = MTPModel(ModelConfig.from_preset("tiny", n_future=2, vocab_size=40))
+    model = tiny_model(0, training=True, n_future=2, vocab_size=40)
     tokens = torch.randint(0, 40, (2, 12))
     mtp_backward(model, tokens, seq_len=10, chunk_size=7)
     ref = [p.grad.clone() for p in model.parameters()]

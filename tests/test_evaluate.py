@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from mtp import ModelConfig, MTPModel
 from mtp.evaluate import (
     SandboxConfig, estimate_pass_at_k, evaluate_functional_correctness, head_metrics, humaneval_program,
     load_humaneval, load_mbpp, mbpp_program, pass_at_k, pass_at_k_table, run_program, run_programs,
@@ -22,6 +21,8 @@ from mtp.evaluate import (
 )
 from mtp.evaluate.execution import _kill_uid  # noqa: F401  (imported to check it exists)
 from mtp.loss import mtp_loss
+
+from conftest import tiny_model
 
 REPORT = sandbox_report()
 OS_LAYERS = pytest.mark.skipif(not (REPORT["privilege_drop"] and REPORT["pid_namespace"]),
@@ -206,8 +207,7 @@ def test_file_size_limit():
 
 # ----- per-head metrics --------------------------------------------------------------------------------
 def test_head_metrics_agree_with_loss():
-    torch.manual_seed(0)
-    model = MTPModel(ModelConfig.from_preset("tiny", n_future=3, vocab_size=50))
+    model = tiny_model(0, training=True, n_future=3, vocab_size=50)
     tokens = torch.randint(50, (4, 19))
     res = head_metrics(model, [tokens], seq_len=16, topk=(1, 50))
     _, per_head = mtp_loss(model(tokens[:, :16]), tokens)
@@ -239,8 +239,7 @@ def test_generate_completions_greedy_speculative_and_samples():
     from mtp.generate import generate
 
     tok = byte_tokenizer()
-    torch.manual_seed(0)
-    model = MTPModel(ModelConfig.from_preset("tiny", n_future=3, vocab_size=tok.vocab_size)).eval()
+    model = tiny_model(0, n_future=3, vocab_size=tok.vocab_size)
     problems = load_humaneval()[:3]
     greedy = generate_completions(model, tok, problems, CodegenConfig(max_new_tokens=12, batch_size=2))
     assert list(greedy) == [p["task_id"] for p in problems] and all(len(c) == 1 for c in greedy.values())

@@ -115,7 +115,7 @@ def test_markdown_table_and_mean_std(tmp_path):
 
 
 # ----- end to end (tiny settings; the --quick scale is only a little larger) ---------------------------------
-def tiny(module, **kw):
+def tiny_settings(module, **kw):
     base = module.settings("quick")
     return lambda scale, *a, **k: dataclasses.replace(base, **kw)
 
@@ -129,7 +129,7 @@ def check_outputs(out: Path, png: str) -> dict:
 
 
 def test_polynomial_via_cli(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(polynomial, "settings", tiny(polynomial, model="tiny", steps=6, train_problems=300, test_per_k=4,
+    monkeypatch.setattr(polynomial, "settings", tiny_settings(polynomial, model="tiny", steps=6, train_problems=300, test_per_k=4,
                                                      n_values=(1, 2)))
     out = tmp_path / "poly"
     assert main(["experiment", "polynomial", "--quick", "--out", str(out), "--seeds", "3", "--threads", "1"]) == 0
@@ -144,7 +144,7 @@ def test_polynomial_via_cli(tmp_path, monkeypatch, capsys):
 
 
 def test_induction_tiny(tmp_path, monkeypatch):
-    monkeypatch.setattr(induction, "settings", tiny(induction, steps=4, train_stories=100, eval_stories=8))
+    monkeypatch.setattr(induction, "settings", tiny_settings(induction, steps=4, train_stories=100, eval_stories=8))
     res = run_experiment("induction", quick=True, out_dir=tmp_path / "ind")
     check_outputs(tmp_path / "ind", "induction.png")
     assert {r["n"] for r in res["runs"]} == {1, 2}
@@ -174,7 +174,7 @@ def test_registry_errors():
 
 
 def test_cli_set_overrides_settings(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(polynomial, "settings", tiny(polynomial, model="tiny", steps=6, train_problems=300, test_per_k=4,
+    monkeypatch.setattr(polynomial, "settings", tiny_settings(polynomial, model="tiny", steps=6, train_problems=300, test_per_k=4,
                                                      n_values=(1, 2)))
     out = tmp_path / "poly"
     assert main(["experiment", "polynomial", "--quick", "--out", str(out), "--seeds", "0", "--threads", "1",

@@ -4,23 +4,23 @@ and fp32 (the dtypes decoding offers), not only in fp64."""
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from mtp import ModelConfig, MTPModel, generate, speculative_generate
+from mtp import generate, speculative_generate
 from mtp.model import invariant_linear
 from mtp.speculative import tree_generate
 
+from conftest import tiny_model
+
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
-
-def varied_model(dtype: torch.dtype, head_type: str = "parallel", seed: int = 0) -> MTPModel:
-    """A random model whose greedy output varies from token to token (large init: sharp logits
-    that still differ in their last bits between kernels)."""
-    torch.manual_seed(seed)
-    cfg = ModelConfig.from_preset("tiny", n_future=4, head_type=head_type, init_std=0.2)
-    return MTPModel(cfg).eval().to(dtype)
+# A random model whose greedy output varies from token to token (large init: sharp logits that
+# still differ in their last bits between kernels).
+varied_model = partial(tiny_model, n_future=4, init_std=0.2)
 
 
 def prompts(seed: int = 1, count: int = 8) -> list[list[int]]:
@@ -46,9 +46,7 @@ def test_one_token_and_a_verify_block_give_the_same_logits(dtype):
     # At every position of a 100-token text: head 1's logits for a token fed alone (a greedy step)
     # equal those of the same token leading a block of 2 or 5 (a verify pass). Before queries got
     # SDPA calls of their own, bf16 broke this at a few positions per hundred.
-    torch.manual_seed(0)
-    cfg = ModelConfig.from_preset("tiny", dim=96, n_heads=6, n_kv_heads=2, n_future=2, init_std=0.2)
-    model = MTPModel(cfg).eval().to(DTYPES[dtype])
+    model = tiny_model(0, dtype=DTYPES[dtype], dim=96, n_heads=6, n_kv_heads=2, n_future=2, init_std=0.2)
     tokens = torch.randint(0, 512, (2, 110), generator=torch.Generator().manual_seed(3))
     steps = {}
     with torch.no_grad():
@@ -64,7 +62,7 @@ def test_one_token_and_a_verify_block_give_the_same_logits(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_every_mode_batched_and_alone_equals_greedy_alone(dtype):
-    model, ps, n = varied_model(DTYPES[dtype]), prompts(), 40
+    model, ps, n = varied_model(dtype=DTYPES[dtype]), prompts(), 40
     alone = [generate(model, [p], n).tokens[0] for p in ps]
     assert min(len(set(t)) for t in alone) > 10  # varied output, not one repeated token
     assert generate(model, ps, n).tokens == alone
@@ -83,7 +81,7 @@ def test_every_mode_batched_and_alone_equals_greedy_alone(dtype):
 
 @pytest.mark.parametrize("head_type", ["causal", "linear", "anticausal"])
 def test_other_head_types_are_exact_in_bf16(head_type):
-    model, ps, n = varied_model(torch.bfloat16, head_type), prompts(seed=2, count=4), 24
+    model, ps, n = varied_model(dtype=torch.bfloat16, head_type=head_type), prompts(seed=2, count=4), 24
     alone = [generate(model, [p], n).tokens[0] for p in ps]
     assert speculative_generate(model, ps, n).tokens == alone
     assert tree_generate(model, ps, n).tokens == alone
@@ -93,8 +91,7 @@ def test_prompt_lookup_on_a_one_head_model_equals_greedy_and_accepts_repeats():
     # A model with no draft heads: prompt lookup is its only drafter. Prompts that repeat a
     # pattern give the lookup something to find; fp32 and bf16 both stay exact.
     for dtype in DTYPES.values():
-        torch.manual_seed(0)
-        model = MTPModel(ModelConfig.from_preset("tiny", n_future=1, init_std=0.2)).eval().to(dtype)
+        model = tiny_model(0, dtype=dtype, n_future=1, init_std=0.2)
         ps = [[5, 6, 7, 8] * 6, [9, 1, 9, 2, 9, 3] * 4] + prompts(seed=4, count=3)
         alone = [generate(model, [p], 30).tokens[0] for p in ps]
         out = speculative_generate(model, ps, 30, k=4, drafter="lookup")

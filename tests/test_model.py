@@ -3,9 +3,9 @@ import torch
 
 from mtp import ConfigError, ModelConfig, MTPModel, PRESETS
 
+from conftest import tiny_config, tiny_model
 
-def tiny(**kw) -> ModelConfig:
-    return ModelConfig.from_preset("tiny", **{"vocab_size": 61, **kw})
+V = 61  # the vocabulary of this file's models
 
 
 @pytest.mark.parametrize("preset", ["tiny", "1M", "3M", "10M"])
@@ -39,7 +39,7 @@ def test_paper_small_sizes():
 ])
 def test_bad_configs_raise_clear_errors(kw, msg):
     with pytest.raises(ConfigError, match=msg):
-        tiny(**kw)
+        tiny_config(vocab_size=V, **kw)
 
 
 def test_unknown_preset_and_field():
@@ -51,8 +51,7 @@ def test_unknown_preset_and_field():
 
 @pytest.mark.parametrize("head_type", ["parallel", "linear", "causal", "anticausal"])
 def test_forward_shape_and_heads_differ(head_type):
-    torch.manual_seed(0)
-    m = MTPModel(tiny(n_future=3, head_type=head_type))
+    m = tiny_model(0, training=True, vocab_size=V, n_future=3, head_type=head_type)
     x = torch.randint(0, 61, (2, 9))
     out = m(x)
     assert out.shape == (2, 9, 3, 61)
@@ -60,18 +59,17 @@ def test_forward_shape_and_heads_differ(head_type):
 
 
 def test_head_structure():
-    par = MTPModel(tiny(n_future=3))
+    par = tiny_model(vocab_size=V, n_future=3)
     assert [par.head_parent(i) for i in range(3)] == [-1, -1, -1]
-    cau = MTPModel(tiny(n_future=3, head_type="causal"))
+    cau = tiny_model(vocab_size=V, n_future=3, head_type="causal")
     assert [cau.head_parent(i) for i in range(3)] == [-1, 0, 1]
-    anti = MTPModel(tiny(n_future=3, head_type="anticausal"))
+    anti = tiny_model(vocab_size=V, n_future=3, head_type="anticausal")
     assert [anti.head_parent(i) for i in range(3)] == [1, 2, -1]
     assert anti.head_order() == [2, 1, 0]
 
 
 def test_causality_future_tokens_do_not_change_past_logits():
-    torch.manual_seed(0)
-    m = MTPModel(tiny(n_future=2))
+    m = tiny_model(0, training=True, vocab_size=V, n_future=2)
     x = torch.randint(0, 61, (1, 12))
     y = x.clone()
     y[0, 8:] = (y[0, 8:] + 1) % 61
@@ -81,8 +79,7 @@ def test_causality_future_tokens_do_not_change_past_logits():
 
 @pytest.mark.parametrize("head_type", ["parallel", "linear", "causal", "anticausal"])
 def test_kv_cache_matches_uncached_over_many_steps(head_type):
-    torch.manual_seed(1)
-    m = MTPModel(tiny(n_future=3, head_type=head_type)).eval()
+    m = tiny_model(1, vocab_size=V, n_future=3, head_type=head_type)
     x = torch.randint(0, 61, (3, 40))
     with torch.no_grad():
         full = m(x)
@@ -96,8 +93,7 @@ def test_kv_cache_matches_uncached_over_many_steps(head_type):
 
 
 def test_kv_cache_rows_at_different_positions_and_stale_slots_masked():
-    torch.manual_seed(2)
-    m = MTPModel(tiny(n_future=2)).eval()
+    m = tiny_model(2, vocab_size=V, n_future=2)
     a, b = torch.randint(0, 61, (1, 10)), torch.randint(0, 61, (1, 10))
     with torch.no_grad():
         ref_a, ref_b = m(a), m(b)
@@ -113,7 +109,7 @@ def test_kv_cache_rows_at_different_positions_and_stale_slots_masked():
 
 
 def test_cache_errors():
-    m = MTPModel(tiny())
+    m = tiny_model(training=True, vocab_size=V)
     with pytest.raises(ConfigError, match="setup_cache"):
         m(torch.zeros(1, 1, dtype=torch.long), torch.tensor([0]))
     m.setup_cache(1, 8)
@@ -132,8 +128,7 @@ def test_presets_listed():
 
 def test_stacked_draft_heads_equal_the_uncached_heads():
     # Parallel heads 2..n run as one batched pass while decoding (DraftStack); same hidden states.
-    torch.manual_seed(0)
-    m = MTPModel(ModelConfig.from_preset("tiny", n_future=4)).eval().double()
+    m = tiny_model(0, dtype=torch.float64, n_future=4)
     tokens = torch.randint(0, 512, (3, 20))
     ref = m.hidden(tokens)
     m.setup_cache(3, 40)
