@@ -6,6 +6,7 @@ bad input is one line on stderr with exit code 2 and writes nothing.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -319,6 +320,24 @@ def test_every_training_flag_says_what_it_does_and_its_default(command):
     for flag in ["--dtype", "--head-type", "--trainable", "--targets", "--init-heads", "--preset"]:
         assert " | " in helps[flag], flag
     assert "cuda:N" in helps["--device"]
+
+
+def test_training_flags_are_listed_by_concern():
+    # Every TrainConfig field belongs to one section; `train --help` lists the sections in order.
+    from mtp.train import TrainConfig
+
+    groups = {f.name: f.metadata["group"] for f in dataclasses.fields(TrainConfig)}
+    assert set(groups.values()) == set(TrainConfig.SECTIONS)
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices["train"]  # type: ignore[union-attr]
+    listed = {g.title: [a.dest for a in g._group_actions] for g in sub._action_groups}
+    for name in TrainConfig.SECTIONS:
+        assert listed[f"{name} options"] == [n for n, g in groups.items() if g == name], name
+    text = sub.format_help()
+    positions = [text.index(f"\n{name} options:\n") for name in TrainConfig.SECTIONS]
+    assert positions == sorted(positions)
+    lr = text.index("\n  --lr ")  # the option's own line, not the usage
+    assert text.index("\noptimizer options:") < lr < text.index("\ndata options:")
 
 
 @pytest.mark.parametrize("command", ["eval", "generate", "eval-code", "prepare", "import", "export"])

@@ -43,13 +43,16 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, shown_defaul
                         exclude: tuple[str, ...] = ()) -> None:
     """One flag per dataclass field (--field-name), help from the field's metadata (what it does,
     allowed values) and its default; `shown_defaults` replaces defaults in the help where the
-    command's differ. Flags default to SUPPRESS so that only what the user typed overrides YAML."""
+    command's differ. Flags default to SUPPRESS so that only what the user typed overrides YAML.
+    Each flag is listed under its field's group, a section of `cls.SECTIONS`, in that order."""
     from .options import help_text
 
     hints = typing.get_type_hints(cls)
+    sections = {name: parser.add_argument_group(f"{name} options", title) for name, title in cls.SECTIONS.items()}
     for f in dataclasses.fields(cls):
         if f.name in exclude:
             continue
+        section = sections[f.metadata["group"]]
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         default = (shown_defaults or {}).get(f.name, default)
@@ -60,17 +63,17 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, shown_defaul
             kw["choices"] = f.metadata["choices"]
             kw["metavar"] = "{" + ",".join(f.metadata["choices"]) + "}"
         if hint is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+            section.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         elif hint == dict[str, Any]:
-            parser.add_argument(flag, action="append", metavar="KEY=VALUE", **kw)
+            section.add_argument(flag, action="append", metavar="KEY=VALUE", **kw)
         elif hint == (list[float] | None):
-            parser.add_argument(flag, type=float, nargs="+", **kw)
+            section.add_argument(flag, type=float, nargs="+", **kw)
         elif hint == (int | None):
-            parser.add_argument(flag, type=_optional_int, **kw)
+            section.add_argument(flag, type=_optional_int, **kw)
         elif hint == (str | None):
-            parser.add_argument(flag, type=str, **kw)
+            section.add_argument(flag, type=str, **kw)
         else:
-            parser.add_argument(flag, type=hint, **kw)
+            section.add_argument(flag, type=hint, **kw)
 
 
 def build_train_config(args: argparse.Namespace, defaults: dict[str, Any] | None = None):

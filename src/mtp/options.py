@@ -1,7 +1,8 @@
 """Config fields that document and check themselves.
 
-`opt(default, help, choices)` declares a dataclass field whose help text and allowed values live
-in its metadata; the command line builds `--help` from them (see mtp.cli.add_dataclass_flags),
+`opt(default, help, choices, group)` declares a dataclass field whose help text, allowed values
+and concern (the `--help` section it is listed in) live in its metadata; the command line builds
+`--help` from them (see mtp.cli.add_dataclass_flags),
 and `check_fields` checks a value of the wrong type or outside the choices with one line that
 names the key, the value and what is expected, whether it came from YAML or from a flag.
 """
@@ -22,8 +23,8 @@ class OptionError(ConfigError):
 
 
 def opt(default: Any = dataclasses.MISSING, help: str = "", choices: tuple[str, ...] | None = None,
-        default_factory: Any = dataclasses.MISSING) -> Any:
-    meta = {"help": help, "choices": choices}
+        default_factory: Any = dataclasses.MISSING, group: str | None = None) -> Any:
+    meta = {"help": help, "choices": choices, "group": group}
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)

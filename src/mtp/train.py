@@ -19,7 +19,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -35,50 +35,69 @@ from .options import check_fields, check_mapping, opt
 @dataclass
 class TrainConfig:
     """Everything a training run needs; settable from YAML and from `mtp train --flag value`.
-    Each field's help and allowed values (its metadata) make the `--help` text and the checks."""
+    Each field's help and allowed values (its metadata) make the `--help` text and the checks;
+    its group (one of SECTIONS, the field's concern) makes the `--help` section it is listed in."""
 
-    data: str = opt("data/stdlib-bpe", "directory made by `mtp prepare` to train on")
-    out: str = opt("runs/mtp", "run directory: checkpoints, metrics.jsonl, tb/ logs, loss plot")
-    preset: str = opt("tiny", "model size (see `mtp presets`)", tuple(PRESETS))
-    n_future: int = opt(4, "number of output heads, i.e. tokens predicted per position")
-    head_type: str = opt("parallel", "how heads are stacked on the trunk", HEAD_TYPES)
-    model: dict[str, Any] = opt(help="ModelConfig override, repeatable (e.g. --model dim=96)", default_factory=dict)
-    head_weights: list[float] | None = opt(None, "loss weight per head, one number per head; none: unweighted sum")
-    steps: int = opt(1000, "optimizer steps")
-    batch_size: int = opt(16, "sequences per micro-batch (per process)")
-    seq_len: int = opt(256, "tokens per training sequence (at most the model's max_seq_len)")
-    grad_accum: int = opt(1, "micro-batches accumulated per optimizer step")
-    lr: float = opt(1e-3, "peak learning rate, a positive number")
-    warmup: int = opt(100, "linear warmup steps")
-    min_lr_ratio: float = opt(0.03, "the cosine schedule ends at this fraction of the peak lr")
-    weight_decay: float = opt(0.1, "AdamW decoupled weight decay on matrices")
-    beta1: float = opt(0.9, "AdamW beta1")
-    beta2: float = opt(0.95, "AdamW beta2")
-    grad_clip: float = opt(1.0, "clip the gradient norm to this; 0 disables clipping")
-    dtype: str = opt("bf16", "autocast dtype of the forward pass", ("bf16", "fp32"))
-    chunk_size: int | None = opt(2048, "positions per cross-entropy chunk (saves memory); none: all at once")
-    compile: bool = opt(False, "torch.compile the trunk and head blocks")
-    device: str = opt("auto", "auto (cuda if available, else cpu), cpu, cuda or cuda:N")
-    seed: int = opt(0, "seed of the initial weights and the batch order")
-    eval_every: int = opt(200, "steps between validations; 0: only at the end")
-    eval_batches: int = opt(10, "validation batches per evaluation")
-    save_every: int = opt(200, "steps between checkpoints; the last step is always saved")
-    keep: int = opt(2, "checkpoints kept on disk (the newest intact one is never deleted)")
-    log_every: int = opt(10, "steps between metrics.jsonl / TensorBoard records")
-    resume: bool = opt(False, "continue from the newest intact checkpoint in --out (fresh start if none)")
-    init_from: str | None = opt(None, "start from this checkpoint's weights (finetuning); n_future may differ")
-    init_heads: str = opt("copy", "heads added when n_future grows: copies of head 1, or random",
-                          ("copy", "random"))
-    trainable: str = opt("all", "what trains: everything, the heads (trunk frozen), or heads 2..n only "
-                                "(next-token output unchanged)", ("all", "heads", "extra_heads"))
-    targets: str = opt("data", "what heads 2..n learn: the data, or head 1's greedy tokens (self-distillation, "
-                               "for drafting)", ("data", "self"))
-    progress: bool = opt(True, "show a progress bar")
+    SECTIONS: ClassVar[dict[str, str]] = {
+        "model": "the model trained", "optimizer": "loss, optimizer and learning-rate schedule",
+        "data": "training data and batches", "checkpointing": "run directory: checkpoints, validation, logs",
+        "runtime": "device, precision, memory and processes", "finetuning": "starting from a checkpoint",
+    }
+
+    # The model trained: a preset with fields overridden, and its heads.
+    preset: str = opt("tiny", "model size (see `mtp presets`)", tuple(PRESETS), group="model")
+    n_future: int = opt(4, "number of output heads, i.e. tokens predicted per position", group="model")
+    head_type: str = opt("parallel", "how heads are stacked on the trunk", HEAD_TYPES, group="model")
+    model: dict[str, Any] = opt(help="ModelConfig override, repeatable (e.g. --model dim=96)", default_factory=dict,
+                                group="model")
+    # What is optimized and how: the loss over heads, AdamW and the learning-rate schedule.
+    head_weights: list[float] | None = opt(None, "loss weight per head, one number per head; none: unweighted sum",
+                                           group="optimizer")
+    steps: int = opt(1000, "optimizer steps", group="optimizer")
+    lr: float = opt(1e-3, "peak learning rate, a positive number", group="optimizer")
+    warmup: int = opt(100, "linear warmup steps", group="optimizer")
+    min_lr_ratio: float = opt(0.03, "the cosine schedule ends at this fraction of the peak lr", group="optimizer")
+    weight_decay: float = opt(0.1, "AdamW decoupled weight decay on matrices", group="optimizer")
+    beta1: float = opt(0.9, "AdamW beta1", group="optimizer")
+    beta2: float = opt(0.95, "AdamW beta2", group="optimizer")
+    grad_clip: float = opt(1.0, "clip the gradient norm to this; 0 disables clipping", group="optimizer")
+    # The training data and how it is cut into batches.
+    data: str = opt("data/stdlib-bpe", "directory made by `mtp prepare` to train on", group="data")
+    batch_size: int = opt(16, "sequences per micro-batch (per process)", group="data")
+    seq_len: int = opt(256, "tokens per training sequence (at most the model's max_seq_len)", group="data")
+    grad_accum: int = opt(1, "micro-batches accumulated per optimizer step", group="data")
+    seed: int = opt(0, "seed of the initial weights and the batch order", group="data")
+    # The run directory: checkpoints, validation and logs.
+    out: str = opt("runs/mtp", "run directory: checkpoints, metrics.jsonl, tb/ logs, loss plot", group="checkpointing")
+    resume: bool = opt(False, "continue from the newest intact checkpoint in --out (fresh start if none)",
+                       group="checkpointing")
+    save_every: int = opt(200, "steps between checkpoints; the last step is always saved", group="checkpointing")
+    keep: int = opt(2, "checkpoints kept on disk (the newest intact one is never deleted)", group="checkpointing")
+    eval_every: int = opt(200, "steps between validations; 0: only at the end", group="checkpointing")
+    eval_batches: int = opt(10, "validation batches per evaluation", group="checkpointing")
+    log_every: int = opt(10, "steps between metrics.jsonl / TensorBoard records", group="checkpointing")
+    progress: bool = opt(True, "show a progress bar", group="checkpointing")
+    # Where and how it runs: device, precision, memory savers, processes and threads.
+    device: str = opt("auto", "auto (cuda if available, else cpu), cpu, cuda or cuda:N", group="runtime")
+    dtype: str = opt("bf16", "autocast dtype of the forward pass", ("bf16", "fp32"), group="runtime")
+    chunk_size: int | None = opt(2048, "positions per cross-entropy chunk (saves memory); none: all at once",
+                                 group="runtime")
+    compile: bool = opt(False, "torch.compile the trunk and head blocks", group="runtime")
+    activation_checkpointing: bool = opt(False, "recompute block activations in backward (less memory)",
+                                         group="runtime")
     parallel: str = opt("auto", "under torchrun: data parallel (auto = ddp) or FSDP2 sharding; one process: none",
-                        distributed.STRATEGIES)
-    activation_checkpointing: bool = opt(False, "recompute block activations in backward (less memory)")
+                        distributed.STRATEGIES, group="runtime")
     threads: int = opt(0, "CPU threads per process; 0: torch's default alone, CPUs / local processes under "
-                          "torchrun")
+                          "torchrun", group="runtime")
+    # Starting from a checkpoint (what `mtp finetune` sets).
+    init_from: str | None = opt(None, "start from this checkpoint's weights (finetuning); n_future may differ",
+                                group="finetuning")
+    init_heads: str = opt("copy", "heads added when n_future grows: copies of head 1, or random",
+                          ("copy", "random"), group="finetuning")
+    trainable: str = opt("all", "what trains: everything, the heads (trunk frozen), or heads 2..n only "
+                                "(next-token output unchanged)", ("all", "heads", "extra_heads"), group="finetuning")
+    targets: str = opt("data", "what heads 2..n learn: the data, or head 1's greedy tokens (self-distillation, "
+                               "for drafting)", ("data", "self"), group="finetuning")
 
     def __post_init__(self) -> None:
         check_fields(self)  # types and choices: one line naming the key, the value and what is expected
