@@ -20,6 +20,30 @@ def test_align_targets_with_extra_tokens_fills_every_head():
     assert t[0].tolist() == [[1, 2, 3], [2, 3, 4], [3, 4, 5], [4, 5, 6]]
 
 
+def test_align_targets_sequential_needs_the_token_before_the_target_among_inputs():
+    x = torch.arange(7)[None]  # T=4 inputs + 3 extra
+    t = align_targets(x, 3, seq_len=4, sequential=True)
+    # head i at t reads x_{t+i-1}: an input only while t+i-1 < 4
+    assert t[0].tolist() == [[1, 2, 3], [2, 3, 4], [3, 4, IGNORE], [4, IGNORE, IGNORE]]
+    assert torch.equal(align_targets(x, 3, sequential=True), align_targets(x, 3))  # no extra tokens: the same
+
+
+def test_sequential_head_reads_the_token_ahead():
+    # Head 2 at position t sees x_{t+1}: changing the token at position 3 changes head 2 at t=2
+    # (and later), never earlier; head 1 at t=2 is unchanged (it sees x_0..x_2 only).
+    torch.manual_seed(0)
+    model = MTPModel(ModelConfig.from_preset("tiny", n_future=3, head_type="sequential", vocab_size=37)).double()
+    a = torch.randint(0, 37, (1, 8))
+    b = a.clone()
+    b[0, 3] = (a[0, 3] + 1) % 37
+    la, lb = model(a), model(b)
+    torch.testing.assert_close(la[:, :3, 0], lb[:, :3, 0])
+    torch.testing.assert_close(la[:, :2, 1], lb[:, :2, 1])
+    assert not torch.allclose(la[:, 2, 1], lb[:, 2, 1])
+    torch.testing.assert_close(la[:, :1, 2], lb[:, :1, 2])  # head 3 at t reads x_{t+2}
+    assert not torch.allclose(la[:, 1, 2], lb[:, 1, 2])
+
+
 def test_align_targets_never_wraps():
     x = torch.tensor([[5, 6, 7]])
     t = align_targets(x, 4)
@@ -52,7 +76,8 @@ def check_backward_equals_reference(model: MTPModel, chunk: int | None) -> dict[
     tokens = torch.randint(0, model.cfg.vocab_size, (2, 14))
     weights = [1.0, 0.7, 0.3]
     model.zero_grad()
-    ref_loss, ref_heads = mtp_loss(model(tokens[:, :11]), tokens, weights)
+    ref_loss, ref_heads = mtp_loss(model(tokens[:, :11]), tokens, weights,
+                                   sequential=model.cfg.head_type == "sequential")
     (0.5 * ref_loss).backward()
     ref = _grads(model)
     model.zero_grad()
@@ -66,7 +91,7 @@ def check_backward_equals_reference(model: MTPModel, chunk: int | None) -> dict[
     return got
 
 
-@pytest.mark.parametrize("head_type", ["parallel", "linear", "causal", "anticausal"])
+@pytest.mark.parametrize("head_type", ["parallel", "linear", "causal", "anticausal", "sequential"])
 @pytest.mark.parametrize("chunk", [None, 5, 1000])
 def test_memory_efficient_gradients_equal_reference(head_type, chunk):
     torch.manual_seed(0)
@@ -125,7 +150,7 @@ def test_self_distill_targets_table():
     assert t[0, :, 2].tolist() == [23, 24, IGNORE, IGNORE]
 
 
-@pytest.mark.parametrize("head_type", ["parallel", "causal"])
+@pytest.mark.parametrize("head_type", ["parallel", "causal", "sequential"])
 def test_self_distill_gradients_equal_reference(head_type):
     torch.manual_seed(0)
     model = MTPModel(ModelConfig.from_preset("tiny", n_future=3, head_type=head_type, vocab_size=31)).double()

@@ -253,6 +253,9 @@ class ParallelMTP:
     def __init__(self, model: MTPModel, strategy: str, device: torch.device) -> None:
         if strategy not in ("ddp", "fsdp"):
             raise ValueError(f"strategy must be ddp or fsdp, got {strategy!r}")
+        if model.cfg.head_type == "sequential":
+            # Its heads read the shared embedding, which here belongs to the wrapped trunk part.
+            raise ConfigError("sequential heads do not train under DDP/FSDP2 yet; train them in one process")
         self.model = model
         self.cfg = model.cfg
         self.strategy = strategy

@@ -9,6 +9,9 @@ Target alignment (`align_targets`), for a window of L tokens fed as inputs x_0..
     e.g. L = T = 4, n = 2:    t = 0   1   2   3
                      head 1:      x1  x2  x3  -
                      head 2:      x2  x3  -   -
+
+Sequential heads (head i reads the input token x_{t+i-1} as well) also need that token among the
+inputs, t+i-1 < T, so with extra tokens (L > T) their last i-1 positions stay IGNORE.
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ from .model import MTPModel
 IGNORE = -100
 
 
-def align_targets(tokens: Tensor, n_future: int, seq_len: int | None = None) -> Tensor:
-    """Targets (B, T, n_future) for inputs tokens[:, :T]; see the module docstring for the table."""
+def align_targets(tokens: Tensor, n_future: int, seq_len: int | None = None, sequential: bool = False) -> Tensor:
+    """Targets (B, T, n_future) for inputs tokens[:, :T]; see the module docstring for the table.
+    `sequential`: heads read x_{t+i-1} too, so it must be an input (head_type="sequential")."""
     B, L = tokens.shape
     T = L if seq_len is None else seq_len
     if T > L:
@@ -34,6 +38,8 @@ def align_targets(tokens: Tensor, n_future: int, seq_len: int | None = None) -> 
     targets = torch.full((B, T, n_future), IGNORE, dtype=torch.long, device=tokens.device)
     for i in range(1, n_future + 1):
         m = min(T, L - i)  # positions t < m have x_{t+i} inside the window
+        if sequential:
+            m = min(m, T - i + 1)  # ... and x_{t+i-1} among the inputs
         if m > 0:
             targets[:, :m, i - 1] = tokens[:, i : i + m]
     return targets
@@ -52,12 +58,14 @@ def _head_weights(n: int, weights: Sequence[float] | None) -> list[float]:
     return [float(w) for w in weights]
 
 
-def mtp_loss(logits: Tensor, tokens: Tensor, weights: Sequence[float] | None = None) -> tuple[Tensor, Tensor]:
+def mtp_loss(logits: Tensor, tokens: Tensor, weights: Sequence[float] | None = None, *,
+             sequential: bool = False) -> tuple[Tensor, Tensor]:
     """Reference loss: sum over heads of (weight x mean cross-entropy). Returns (loss, per-head losses).
 
-    logits: (B, T, n, V) from `MTPModel.forward(tokens[:, :T])`; tokens: (B, L >= T)."""
+    logits: (B, T, n, V) from `MTPModel.forward(tokens[:, :T])`; tokens: (B, L >= T); `sequential`
+    for a model with head_type="sequential" (see `align_targets`)."""
     B, T, n, V = logits.shape
-    targets = align_targets(tokens, n, T)
+    targets = align_targets(tokens, n, T, sequential)
     per_head = torch.stack([
         F.cross_entropy(_upcast(logits[:, :, i].reshape(-1, V)), targets[:, :, i].reshape(-1), ignore_index=IGNORE)
         for i in range(n)
@@ -134,7 +142,8 @@ def mtp_backward(model: MTPModel, tokens: Tensor, weights: Sequence[float] | Non
     w = _head_weights(n, weights)
     B, L = tokens.shape
     T = L if seq_len is None else seq_len
-    targets = align_targets(tokens, n, T)
+    sequential = model.cfg.head_type == "sequential"
+    targets = align_targets(tokens, n, T, sequential)
     inputs = tokens[:, :T]
     rope = model.rope(model.default_positions(inputs))
     z = model.trunk(inputs, rope)
@@ -179,7 +188,10 @@ def mtp_backward(model: MTPModel, tokens: Tensor, weights: Sequence[float] | Non
             parent = model.head_parent(i)
             x = z_leaf if parent < 0 else outs[parent].detach().requires_grad_(outs[parent].requires_grad)
             inputs_of[i] = x
-            outs[i] = model.heads[i](x, rope)
+            # A sequential head also reads the tokens ahead, through the shared embedding, whose
+            # gradient therefore arrives from here as well as from the trunk.
+            emb = model.ahead_embedding(inputs, i) if sequential and i > 0 else None
+            outs[i] = model.heads[i](x, rope) if emb is None else model.heads[i](x, emb, rope)
         if self_distill:
             targets = self_distill_targets(targets, greedy_labels(model, outs[0].detach(), chunk_size))
         for i in reversed(order):

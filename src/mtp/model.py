@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-HEAD_TYPES = ("parallel", "linear", "causal", "anticausal")
+HEAD_TYPES = ("parallel", "linear", "causal", "anticausal", "sequential")
 NORMS = ("rms", "layer")
 MLPS = ("swiglu", "gelu")
 POS_EMBS = ("rope", "learned")
@@ -46,7 +46,7 @@ class ModelConfig:
     n_kv_heads: int | None = None  # None: same as n_heads (no grouping)
     vocab_size: int = 8192
     n_future: int = 1
-    head_type: str = "parallel"  # parallel | linear | causal | anticausal
+    head_type: str = "parallel"  # parallel | linear | causal | anticausal | sequential
     hidden_dim: int | None = None  # FFN width; None: Meta's rule from multiple_of/ffn_dim_multiplier
     multiple_of: int = 32
     ffn_dim_multiplier: float | None = None
@@ -384,6 +384,25 @@ class Block(nn.Module):
         return x + self.feed_forward(self.ffn_norm(x))
 
 
+class SequentialHead(nn.Module):
+    """A DeepSeek-V3-style MTP module, head i >= 2 of head_type="sequential": at position t it reads
+    head i-1's output h and the embedding e of token x_{t+i-1} (the shared input embedding),
+    RMS-norms each, projects [e; h] from 2 dim to dim and runs one block; the shared norm and
+    unembedding then predict x_{t+i}. Knowing the token before its target is what lets it draft
+    far better than a parallel head, which must guess x_{t+i} without knowing x_{t+i-1}. The
+    names (enorm, hnorm, eh_proj, and the [e; h] order) follow DeepSeek-V3's checkpoints."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.enorm = make_norm(cfg)
+        self.hnorm = make_norm(cfg)
+        self.eh_proj = Linear(2 * cfg.dim, cfg.dim, bias=False)
+        self.block = Block(cfg)
+
+    def forward(self, h: Tensor, emb: Tensor, rope: tuple[Tensor, ...], ctx: "CacheContext | None" = None) -> Tensor:
+        return self.block(self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h)], dim=-1)), rope, ctx)
+
+
 class LinearHead(nn.Module):
     """The paper's linear-head alternative: one dim x dim map per head, no attention."""
 
@@ -485,7 +504,8 @@ class MTPModel(nn.Module):
         self.tok_embeddings = Embedding(cfg)
         self.trunk_layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_trunk))
         head_cls = LinearHead if cfg.head_type == "linear" else Block
-        self.heads = nn.ModuleList(head_cls(cfg) for _ in range(cfg.n_future))
+        later_cls = SequentialHead if cfg.head_type == "sequential" else head_cls
+        self.heads = nn.ModuleList(head_cls(cfg) if i == 0 else later_cls(cfg) for i in range(cfg.n_future))
         self.norm = make_norm(cfg)
         self.output = Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.cache_batch = 0
@@ -510,7 +530,7 @@ class MTPModel(nn.Module):
     # ----- structure of the heads -------------------------------------------------------------
     def head_parent(self, i: int) -> int:
         """Index of the head whose output feeds head i (0-based), or -1 for the trunk output."""
-        if self.cfg.head_type == "causal":
+        if self.cfg.head_type in ("causal", "sequential"):
             return i - 1
         if self.cfg.head_type == "anticausal":
             return i + 1 if i + 1 < self.cfg.n_future else -1
@@ -539,11 +559,32 @@ class MTPModel(nn.Module):
             x = layer(x, rope, ctx)
         return x
 
+    def ahead_embedding(self, tokens: Tensor, i: int) -> Tensor:
+        """Embeddings (B, T, dim) of x_{t+i} at every position t of tokens (B, T), the token that
+        sequential head i+1 reads (0-based i); past the end, token 0 (those positions have no
+        target: see `align_targets(sequential=True)`; decoding feeds its drafts instead)."""
+        ahead = F.pad(tokens[:, i:], (0, min(i, tokens.shape[1])), value=0)
+        return F.embedding(ahead, self.tok_embeddings.weight)
+
+    def run_head(self, i: int, x: Tensor, rope: tuple[Tensor, ...], ctx: CacheContext | None = None,
+                 tokens: Tensor | None = None, emb: Tensor | None = None) -> Tensor:
+        """Head i (0-based) on its parent's output x; a sequential head also reads the embedding
+        `emb` of the tokens i ahead (default: taken from `tokens`, see `ahead_embedding`)."""
+        head = self.heads[i]
+        if isinstance(head, SequentialHead):
+            if emb is None:
+                if tokens is None:
+                    raise ValueError("sequential heads read the tokens ahead: pass tokens or emb")
+                emb = self.ahead_embedding(tokens, i)
+            return head(x, emb, rope, ctx)
+        return head(x, rope, ctx)
+
     def head_hidden(self, z: Tensor, rope: tuple[Tensor, ...], ctx: CacheContext | None = None,
-                    heads: int | None = None, done: Sequence[Tensor] = ()) -> list[Tensor]:
+                    heads: int | None = None, done: Sequence[Tensor] = (),
+                    tokens: Tensor | None = None) -> list[Tensor]:
         """Hidden states (before the shared norm) of the first `heads` heads, in head order 1..n.
         `done`: outputs of heads 1..len(done), already computed on the same inputs (not with
-        anticausal heads, whose head 1 comes last)."""
+        anticausal heads, whose head 1 comes last). `tokens`: the input tokens (sequential heads)."""
         n = self.cfg.n_future if heads is None else heads
         if done and self.cfg.head_type == "anticausal":
             raise ValueError("anticausal heads compute head 1 last: no heads can be done before the others")
@@ -553,7 +594,7 @@ class MTPModel(nn.Module):
             if self.cfg.head_type != "anticausal" and i >= n:
                 break
             if i not in outs:
-                outs[i] = self.heads[i](z if parent < 0 else outs[parent], rope, ctx)
+                outs[i] = self.run_head(i, z if parent < 0 else outs[parent], rope, ctx, tokens)
         return [outs[i] for i in range(n)]
 
     def unembed(self, h: Tensor) -> Tensor:
@@ -590,7 +631,7 @@ class MTPModel(nn.Module):
             ctx = self.cache_context(tokens, input_pos, slots, mask, rows)
             rope = self.rope(input_pos)
         z = self.trunk(tokens, rope, ctx)
-        return z, torch.stack(self.head_hidden(z, rope, ctx, heads), dim=2)
+        return z, torch.stack(self.head_hidden(z, rope, ctx, heads, tokens=tokens), dim=2)
 
     def later_heads(self, z: Tensor, done: Sequence[Tensor], input_pos: Tensor, heads: int,
                     slots: Tensor | None = None) -> Tensor:

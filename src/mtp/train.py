@@ -144,22 +144,45 @@ def init_model(cfg: TrainConfig, vocab_size: int) -> MTPModel:
     new_cfg = ModelConfig.from_dict({**old.to_dict(), "n_future": cfg.n_future, "n_layers": layers, **cfg.model})
     # parallel <-> causal only rewires the same blocks (head i reads the trunk or head i-1); head 1
     # reads the trunk either way, so the model's own next-token output is kept.
-    rewire = {old.head_type, new_cfg.head_type} <= {"parallel", "causal"}
+    # Sequential heads may replace them too: head 1 is the same block, and each new sequential
+    # head starts from a copy of a block (see `_seed_sequential_head`).
+    rewire = {old.head_type, new_cfg.head_type} <= {"parallel", "causal"} or (
+        new_cfg.head_type == "sequential" and old.head_type in ("parallel", "causal"))
     if new_cfg.n_trunk != old.n_trunk or (new_cfg.head_type != old.head_type and not rewire):
-        raise ConfigError("init_from keeps the trunk and head type (parallel and causal heads may swap); "
-                          "only n_future may change")
+        raise ConfigError("init_from keeps the trunk and head type (parallel and causal heads may swap, "
+                          "either may become sequential); only n_future may change")
     model = MTPModel(new_cfg)
-    state = base.state_dict()
+    state = {k: v for k, v in base.state_dict().items() if not k.startswith("heads.")}
+    to_sequential = new_cfg.head_type == "sequential" and old.head_type != "sequential"
     for i in range(new_cfg.n_future):
-        src = i if i < old.n_future else 0
-        if i >= old.n_future and cfg.init_heads == "random":
+        if i < old.n_future and (i == 0 or not to_sequential):  # the same kind of head: kept
+            src, prefix = i, f"heads.{i}."
+        elif cfg.init_heads == "random":
             continue
+        elif new_cfg.head_type == "sequential" and old.head_type == "sequential":  # copies of the last
+            src, prefix = old.n_future - 1 if old.n_future > 1 else 0, f"heads.{i}."
+            if src == 0:
+                prefix = f"heads.{i}.block."
+                state.update(_seed_sequential_head(model, i))
+        elif new_cfg.head_type == "sequential":  # a block becomes a new sequential head's block
+            src, prefix = (i if i < old.n_future else 0), f"heads.{i}.block."
+            state.update(_seed_sequential_head(model, i))
+        else:  # copies of head 1
+            src, prefix = 0, f"heads.{i}."
         for k, v in base.heads[src].state_dict().items():
-            state[f"heads.{i}.{k}"] = v
-    state = {k: v for k, v in state.items() if not k.startswith("heads.") or int(k.split(".")[1]) < new_cfg.n_future}
+            state[prefix + k] = v
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert not unexpected and all(k.startswith("heads.") for k in missing), (missing, unexpected)
     return model
+
+
+def _seed_sequential_head(model: MTPModel, i: int) -> dict[str, torch.Tensor]:
+    """Norms and projection of a new sequential head i whose block is copied from another head:
+    the projection starts as [0, I], passing the normed previous hidden state through, so the head
+    starts as that block on head i-1's output (a causal head) and learns to use the token."""
+    dim = model.cfg.dim
+    proj = torch.cat([torch.zeros(dim, dim), torch.eye(dim)], dim=1)
+    return {f"heads.{i}.eh_proj.weight": proj, **{f"heads.{i}.{n}.weight": torch.ones(dim) for n in ("enorm", "hnorm")}}
 
 
 def set_trainable(model: MTPModel, trainable: str) -> None:
@@ -221,7 +244,7 @@ def evaluate(model: MTPModel | distributed.ParallelMTP, data: TokenData, batch_s
         counted = len(part) > 0
         if not counted:  # a short last batch: still run a forward, as FSDP2 needs every rank
             part = tokens[:1].to(device)
-        targets = align_targets(part, n, seq_len)
+        targets = align_targets(part, n, seq_len, model.cfg.head_type == "sequential")
         with autocast(device, dtype):
             logits = model(part[:, :seq_len])
         if not counted:

@@ -39,7 +39,7 @@ def head_metrics(model: MTPModel, batches: Iterable[Tensor], seq_len: int,
     device = next(model.parameters()).device
     for tokens in batches:
         tokens = tokens.to(device)
-        targets = align_targets(tokens, n, seq_len)
+        targets = align_targets(tokens, n, seq_len, model.cfg.head_type == "sequential")
         logits = model(tokens[:, :seq_len]).float()  # (B, T, n, V)
         valid = targets != IGNORE
         for i in range(n):
