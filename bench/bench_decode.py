@@ -20,8 +20,8 @@ import time
 import torch
 
 from mtp import ModelConfig, MTPModel
+from mtp.decode_bench import decode_benchmark, default_modes, format_table, forward_time_ratio
 from mtp.loss import mtp_backward
-from mtp.speculative import decode_benchmark, default_modes, format_table, forward_time_ratio
 
 TEXT_PROMPTS = [
     "def fibonacci(n):\n    ",

@@ -44,9 +44,11 @@ from typing import Any, Callable
 import torch
 
 from mtp.checkpoint import latest_checkpoint, load_model, save_checkpoint
+from mtp.decode_bench import forward_time_ratio
 from mtp.generate import GenerationResult
 from mtp.model import MTPModel
-from mtp.speculative import SpeculativeResult, forward_time_ratio, mode_runner
+from mtp.modes import parse_mode
+from mtp.speculative import SpeculativeResult
 
 ROOT = Path("runs/smollm2")
 
@@ -157,11 +159,12 @@ class Run:
 Decoder = Callable[[list[list[int]], int], Run]
 
 
-def mtp_decoder(model: MTPModel, mode: str) -> Decoder:
-    runner = mode_runner(model, mode)
+def mtp_decoder(model: MTPModel, name: str) -> Decoder:
+    mode = parse_mode(name)
+    mode.check(model)  # fail before timing anything
 
     def run(prompts: list[list[int]], n: int) -> Run:
-        res: GenerationResult = runner(prompts, n, len(prompts))
+        res: GenerationResult = mode.run(model, prompts, n, batch_size=len(prompts))
         out = Run(tokens=[list(t) for t in res.tokens], forwards=sum(res.row_forwards))
         if isinstance(res, SpeculativeResult):
             out.attempts, out.accepts = list(res.draft_attempts), list(res.draft_accepts)

@@ -10,7 +10,6 @@ flip an argmax on a near tie; in float64 the logits agree to ~1e-15.
 from __future__ import annotations
 
 import math
-import time
 from collections import Counter
 from typing import Callable
 
@@ -23,8 +22,7 @@ from mtp.generate import GenerationError, generate, sampling_probs
 from mtp import speculative as spec_mod
 from mtp.loss import mtp_backward
 from mtp.speculative import (
-    DraftTree, decode_benchmark, format_table, forward_time_ratio, speculative_generate,
-    speculative_sample, tree_generate, tree_mask, Block,
+    DraftTree, speculative_generate, speculative_sample, tree_generate, tree_mask, Block,
 )
 
 
@@ -459,47 +457,3 @@ def test_speculative_sampling_preserves_the_distribution(sampling, k, n, monkeyp
     monkeypatch.setattr(spec_mod, "rejection_step", resample_from_target)
     broken = speculative_sample(model, [prompt] * samples, n, k=k, seed=123, **sampling)
     assert not passes_chi_square(Counter(tuple(t) for t in broken.tokens), exact, samples)
-
-
-# ----- benchmark helpers ------------------------------------------------------------------------
-def test_model_timer_counts_model_calls_and_unwraps(trained):
-    tokens = torch.randint(trained.cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(3))
-    with spec_mod.ModelTimer(trained) as timer:
-        start = time.perf_counter()
-        trained(tokens)
-        wall = time.perf_counter() - start
-        assert "unembed" in vars(trained)
-    assert 0 < timer.seconds <= wall
-    assert not set(spec_mod.ModelTimer.METHODS) & set(vars(trained))  # the class methods again
-    before = timer.seconds
-    trained(tokens)
-    assert timer.seconds == before
-
-
-def test_decode_benchmark_rows_and_table(trained):
-    prompts = trained_prompts(4, seed=11)
-    rows = decode_benchmark(trained, prompts, 12, ["spec1", "spec3", "tree", "tree:2,2"], batch_size=2)
-    assert [r["mode"] for r in rows] == ["greedy", "spec1", "spec3", "tree", "tree:2,2"]
-    assert all(r["matches_greedy"] and r["batch"] == 2 and r["tokens"] == 48 for r in rows)
-    assert rows[0]["tokens_per_forward"] == 1.0 and rows[0]["speedup"] == 1.0
-    assert rows[2]["tokens_per_forward"] > 1.5 and len(rows[2]["acceptance"]) == 3
-    assert rows[0]["fewer_steps"] == rows[0]["step_cost"] == rows[0]["step_flops"] == 1.0
-    for r in rows[1:]:  # the speedup taken apart: fewer passes, each costing more
-        assert r["speedup"] == pytest.approx(r["fewer_steps"] / r["step_cost"])
-        assert r["fewer_steps"] > 1.0 and r["step_flops"] > 1.0
-    assert rows[2]["step_flops"] > rows[1]["step_flops"]  # 4 tokens verified per pass vs 2
-    assert rows[0]["step_model"] == 1.0
-    assert all(0 < r["outside_model"] < 1 and r["step_model"] > 0 for r in rows)
-    table = format_table(rows)
-    lines = table.splitlines()
-    assert len(lines) == 2 + len(rows) and len({len(line) for line in lines}) == 1
-    assert "tree:2,2" in table and "NO" not in table
-    with pytest.raises(GenerationError, match="unknown decoding mode"):
-        decode_benchmark(trained, prompts, 4, ["beam"])
-
-
-def test_forward_time_ratio_reports_all_timings(trained):
-    out = forward_time_ratio(trained, batch_size=2, context=16, n_tokens=5, repeats=3)
-    assert set(out) == {"t1", "t1_all", "tn", "ratio", "step_ratio"}
-    assert all(out[key] > 0 for key in ("t1", "t1_all", "tn"))
-    assert out["ratio"] == pytest.approx(out["tn"] / out["t1_all"])

@@ -273,18 +273,10 @@ def _jsonl_prompt(path: Path, n: int, line: str) -> str:
 def cmd_generate(args: argparse.Namespace) -> None:
     from .checkpoint import load_model
     from .distributed import pick_device
-    from .generate import generate
-    from .speculative import speculative_generate, tree_generate
+    from .modes import mode_from_flags
 
-    spec = args.speculative
-    if spec == "tree" and args.temperature != 0:
-        # Tree verification accepts the greedy path only; sampling would silently be ignored.
-        raise ValueError(f"--speculative tree decodes greedily, so --temperature {args.temperature} would be "
-                         "ignored: use --temperature 0, or --speculative k to sample")
-    if spec is not None and spec != "tree" and not spec.isdigit():
-        raise ValueError(f"--speculative takes a number of drafts k or 'tree', got {spec!r}")
-    if args.drafter != "heads" and (spec is None or spec == "tree"):
-        raise ValueError(f"--drafter {args.drafter} drafts a chain: give it with --speculative k")
+    mode = mode_from_flags(args.speculative, args.drafter)
+    mode.check_temperature(args.temperature)  # before the model is loaded
     prompts = _read_prompts(args)
     if not prompts:
         raise ValueError("give a --prompt or a --batch file of prompts")
@@ -296,17 +288,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     ids = [tok.encode(p) for p in prompts]
     stop = () if args.no_stop else (tok.eos_id,)
     stream = TextStream(tok, prompts[0]) if len(prompts) == 1 else None  # one prompt: print as tokens arrive
-    if spec is None:
-        res = generate(model, ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                       top_p=args.top_p, seed=args.seed, stop_tokens=stop, on_tokens=stream,
-                       batch_size=args.batch_size)
-    elif spec == "tree":
-        res = tree_generate(model, ids, args.max_new_tokens, stop_tokens=stop, on_tokens=stream,
-                            batch_size=args.batch_size)
-    else:
-        res = speculative_generate(model, ids, args.max_new_tokens, k=int(spec), temperature=args.temperature,
-                                   top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_tokens=stop,
-                                   on_tokens=stream, batch_size=args.batch_size, drafter=args.drafter)
+    res = mode.run(model, ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                   seed=args.seed, stop_tokens=stop, on_tokens=stream, batch_size=args.batch_size)
     if stream is not None:
         stream.finish()
     else:
@@ -362,8 +345,11 @@ def _to_dtype(model: Any, name: str) -> Any:
 def cmd_bench_decode(args: argparse.Namespace) -> None:
     from .checkpoint import load_model
     from .distributed import pick_device
-    from .speculative import decode_benchmark, default_modes, format_table
+    from .decode_bench import decode_benchmark, default_modes, format_table
+    from .modes import parse_mode
 
+    for mode in args.modes or []:
+        parse_mode(mode)  # a misspelt mode fails before the model is loaded
     device = pick_device(args.device)
     model, tok = load_model(args.checkpoint, device=device)
     model = _to_dtype(model, args.dtype)

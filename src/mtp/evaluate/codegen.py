@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
-from ..generate import generate
 from ..model import MTPModel
+from ..modes import mode_from_flags
 
 STOP_SEQUENCES = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert ", "```")
 
@@ -25,7 +25,7 @@ class CodegenConfig:
     temperature: float = 0.0
     top_p: float | None = None
     seed: int = 0
-    speculative: str | None = None  # None (plain decoding), a number of drafts k, or "tree" (greedy only)
+    speculative: str | None = None  # None (plain), a number of drafts k, or "tree" (greedy only): `mode_from_flags`
     batch_size: int = 8  # rows decoded at once (continuous batching)
     # What the model sees: {prompt} is the problem's prompt. Chat models need their own format,
     # ending with the prompt again so the answer continues the function (see `problem_prompt`).
@@ -70,16 +70,12 @@ class ProgressCounter:
 def generate_completions(model: MTPModel, tokenizer: Any, problems: Sequence[Mapping[str, Any]],
                          cfg: CodegenConfig, progress: bool = False) -> dict[str, list[str]]:
     """task_id -> `cfg.samples` completions, each cut at the first stop sequence."""
-    from ..speculative import speculative_generate, tree_generate
-
     if cfg.samples < 1:
         raise ValueError(f"samples must be >= 1, got {cfg.samples}")
     if cfg.temperature == 0 and cfg.samples > 1:
         raise ValueError("greedy decoding gives one completion per problem: use --samples 1 or a temperature > 0")
-    if cfg.speculative not in (None, "tree") and not str(cfg.speculative).isdigit():
-        raise ValueError(f"speculative takes a number of drafts k or 'tree', got {cfg.speculative!r}")
-    if cfg.speculative == "tree" and cfg.temperature != 0:
-        raise ValueError("tree drafts decode greedily: use --temperature 0 or --speculative k")
+    mode = mode_from_flags(cfg.speculative)
+    mode.check_temperature(cfg.temperature)
     if "{prompt}" not in cfg.template:
         raise ValueError("the prompt template must contain {prompt}")
     ids = [tokenizer.encode(problem_prompt(p, cfg.template)) for p in problems for _ in range(cfg.samples)]
@@ -91,14 +87,7 @@ def generate_completions(model: MTPModel, tokenizer: Any, problems: Sequence[Map
         bar = tqdm(total=len(ids), desc="completions", unit="done", dynamic_ncols=True)
     kw = dict(stop_tokens=() if eos is None else (eos,), batch_size=cfg.batch_size,
               on_tokens=None if bar is None else ProgressCounter(bar, cfg.max_new_tokens, eos))
-    if cfg.speculative is None:
-        res = generate(model, ids, cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                       seed=cfg.seed, **kw)
-    elif cfg.speculative == "tree":
-        res = tree_generate(model, ids, cfg.max_new_tokens, **kw)
-    else:
-        res = speculative_generate(model, ids, cfg.max_new_tokens, k=int(cfg.speculative),
-                                   temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed, **kw)
+    res = mode.run(model, ids, cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed, **kw)
     if bar is not None:
         bar.close()
     out: dict[str, list[str]] = {}

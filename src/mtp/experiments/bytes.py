@@ -66,8 +66,8 @@ def run(out_dir: Path, st: Settings, seeds: Sequence[int], scale: str = "default
     `scale` only labels the results."""
     from ..checkpoint import load_model
     from ..data import prepare
+    from ..decode_bench import decode_benchmark
     from ..evaluate.metrics import evaluate_prepared
-    from ..speculative import decode_benchmark
     from ..train import TrainConfig
 
     t_start = time.perf_counter()
