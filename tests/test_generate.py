@@ -8,23 +8,21 @@ to ~1e-15 and equality of the token streams is a fair requirement.
 from __future__ import annotations
 
 import importlib
+from functools import partial
 
 import pytest
 import torch
 
-from mtp import ModelConfig, MTPModel
 from mtp.generate import (
     GenerationError, generate, generate_reference, pad_prompts, prefill, sample_next, sampling_probs,
 )
 
+from conftest import tiny_model
+
 V = 53
 
-
-def make_model(seed: int = 0, *, dtype: torch.dtype = torch.float64, **kw) -> MTPModel:
-    torch.manual_seed(seed)
-    cfg = ModelConfig.from_preset("tiny", **{"n_future": 2, "vocab_size": V, "max_seq_len": 64,
-                                             "init_std": 0.2, **kw})
-    return MTPModel(cfg).to(dtype).eval()
+# This file's models: float64 (see above), 2 heads, sharp logits (init_std 0.2); fields overridable.
+make_model = partial(tiny_model, dtype=torch.float64, n_future=2, vocab_size=V, max_seq_len=64, init_std=0.2)
 
 
 def random_prompts(lengths: list[int], seed: int = 0, vocab: int = V) -> list[list[int]]:

@@ -2,8 +2,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mtp import IGNORE, ModelConfig, MTPModel, align_targets, mtp_backward, mtp_loss
+from mtp import IGNORE, MTPModel, align_targets, mtp_backward, mtp_loss
 from mtp.loss import self_distill_targets
+
+from conftest import tiny_model
 
 
 def test_align_targets_table():
@@ -31,8 +33,7 @@ def test_align_targets_sequential_needs_the_token_before_the_target_among_inputs
 def test_sequential_head_reads_the_token_ahead():
     # Head 2 at position t sees x_{t+1}: changing the token at position 3 changes head 2 at t=2
     # (and later), never earlier; head 1 at t=2 is unchanged (it sees x_0..x_2 only).
-    torch.manual_seed(0)
-    model = MTPModel(ModelConfig.from_preset("tiny", n_future=3, head_type="sequential", vocab_size=37)).double()
+    model = tiny_model(0, dtype=torch.float64, training=True, n_future=3, head_type="sequential", vocab_size=37)
     a = torch.randint(0, 37, (1, 8))
     b = a.clone()
     b[0, 3] = (a[0, 3] + 1) % 37
@@ -94,15 +95,13 @@ def check_backward_equals_reference(model: MTPModel, chunk: int | None) -> dict[
 @pytest.mark.parametrize("head_type", ["parallel", "linear", "causal", "anticausal", "sequential"])
 @pytest.mark.parametrize("chunk", [None, 5, 1000])
 def test_memory_efficient_gradients_equal_reference(head_type, chunk):
-    torch.manual_seed(0)
-    cfg = ModelConfig.from_preset("tiny", n_future=3, head_type=head_type, vocab_size=37)
-    check_backward_equals_reference(MTPModel(cfg).double(), chunk)
+    model = tiny_model(0, dtype=torch.float64, training=True, n_future=3, head_type=head_type, vocab_size=37)
+    check_backward_equals_reference(model, chunk)
 
 
 def test_memory_efficient_with_ignored_tail_positions():
     # No extra tokens: the last positions of later heads have no target and must be ignored.
-    torch.manual_seed(0)
-    model = MTPModel(ModelConfig.from_preset("tiny", n_future=4, vocab_size=29)).double()
+    model = tiny_model(0, dtype=torch.float64, training=True, n_future=4, vocab_size=29)
     tokens = torch.randint(0, 29, (3, 6))
     model.zero_grad()
     mtp_loss(model(tokens), tokens)[0].backward()
@@ -114,8 +113,7 @@ def test_memory_efficient_with_ignored_tail_positions():
 
 
 def test_memory_efficient_under_bf16_autocast_close_to_fp32():
-    torch.manual_seed(0)
-    model = MTPModel(ModelConfig.from_preset("tiny", n_future=2, vocab_size=64))
+    model = tiny_model(0, training=True, n_future=2, vocab_size=64)
     tokens = torch.randint(0, 64, (2, 34))
     loss32, _ = mtp_backward(model, tokens, seq_len=32)
     model.zero_grad()
@@ -128,8 +126,7 @@ def test_memory_efficient_under_bf16_autocast_close_to_fp32():
 @pytest.mark.slow
 def test_compiled_blocks_give_the_same_gradients():
     # What `mtp train --compile` does; slow (about a minute of compilation on 2 cores).
-    torch.manual_seed(0)
-    model = MTPModel(ModelConfig.from_preset("tiny", n_future=2, vocab_size=64))
+    model = tiny_model(0, training=True, n_future=2, vocab_size=64)
     tokens = torch.randint(0, 64, (2, 34))
     mtp_backward(model, tokens, seq_len=32)
     ref = _grads(model)
@@ -152,8 +149,7 @@ def test_self_distill_targets_table():
 
 @pytest.mark.parametrize("head_type", ["parallel", "causal", "sequential"])
 def test_self_distill_gradients_equal_reference(head_type):
-    torch.manual_seed(0)
-    model = MTPModel(ModelConfig.from_preset("tiny", n_future=3, head_type=head_type, vocab_size=31)).double()
+    model = tiny_model(0, dtype=torch.float64, training=True, n_future=3, head_type=head_type, vocab_size=31)
     tokens = torch.randint(0, 31, (2, 12))
     with torch.no_grad():
         greedy = model(tokens[:, :10])[:, :, 0].argmax(-1)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from functools import partial
 from typing import Callable
 
 import pytest
@@ -24,6 +25,8 @@ from mtp.loss import mtp_backward
 from mtp.speculative import (
     DraftTree, speculative_generate, speculative_sample, tree_generate, tree_mask, Block,
 )
+
+from conftest import tiny_model
 
 
 # ----- stub models: logits that depend on the position only -------------------------------------
@@ -207,11 +210,8 @@ def test_tree_mask_sees_prefix_ancestors_and_self():
 
 
 # ----- real models: exact equality with greedy --------------------------------------------------
-def random_model(seed: int, **kw) -> MTPModel:
-    torch.manual_seed(seed)
-    cfg = ModelConfig.from_preset("tiny", **{"n_future": 4, "vocab_size": 37, "max_seq_len": 64,
-                                             "init_std": 0.3, **kw})
-    return MTPModel(cfg).double().eval()
+# Random float64 4-head models with sharp logits (init_std 0.3); fields overridable.
+random_model = partial(tiny_model, dtype=torch.float64, n_future=4, vocab_size=37, max_seq_len=64, init_std=0.3)
 
 
 def random_prompts(lengths: list[int], seed: int, vocab: int) -> list[list[int]]:
@@ -235,9 +235,7 @@ def song_windows(n: int, length: int, seed: int, vocab: int, noise: float = 0.0)
 @pytest.fixture(scope="module")
 def trained() -> MTPModel:
     """A tiny 4-head model trained for 100 steps on a noisy loop: drafts are often accepted."""
-    torch.manual_seed(0)
-    cfg = ModelConfig.from_preset("tiny", n_future=4, vocab_size=32, max_seq_len=64)
-    model = MTPModel(cfg)
+    model = tiny_model(0, training=True, n_future=4, vocab_size=32, max_seq_len=64)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for step in range(100):
         opt.zero_grad()
@@ -424,12 +422,9 @@ def exact_sequence_probs(model: MTPModel, prompt: list[int], n: int, **sampling)
     return probs
 
 
-def small_model(seed: int, vocab: int) -> MTPModel:
-    """A small 4-head model with peaky, disagreeing heads, so drafts are often but not always kept."""
-    torch.manual_seed(seed)
-    cfg = ModelConfig(dim=32, n_layers=5, n_heads=2, n_kv_heads=1, hidden_dim=64, vocab_size=vocab,
+# A small float64 4-head model with peaky, disagreeing heads, so drafts are often but not always kept.
+small_model = partial(tiny_model, dtype=torch.float64, dim=32, n_layers=5, n_heads=2, n_kv_heads=1, hidden_dim=64,
                       n_future=4, max_seq_len=32, init_std=0.5)
-    return MTPModel(cfg).double().eval()
 
 
 def resample_from_target(p, q, drafts, useful, max_depth, generator):
@@ -446,7 +441,7 @@ def resample_from_target(p, q, drafts, useful, max_depth, generator):
 def test_speculative_sampling_preserves_the_distribution(sampling, k, n, monkeypatch):
     # Joint distribution of the first n tokens on a 4-token vocabulary; n = k + 2, so one verify
     # pass can use every draft depth, and rejections at every depth feed the later tokens.
-    model, prompt, samples = small_model(2, 4), [1], 4000
+    model, prompt, samples = small_model(2, vocab_size=4), [1], 4000
     exact = exact_sequence_probs(model, prompt, n, **sampling)
     plain = generate(model, [prompt] * samples, n, seed=321, **sampling)
     assert passes_chi_square(Counter(tuple(t) for t in plain.tokens), exact, samples)  # enumeration ok
