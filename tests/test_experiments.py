@@ -14,7 +14,7 @@ import torch
 from mtp.cli import main
 from mtp.experiments import EXPERIMENTS, run_experiment
 from mtp.experiments import bytes as byte_exp
-from mtp.experiments import common, induction, polynomial
+from mtp.experiments import common, heads, induction, polynomial
 from mtp.experiments.polynomial import D, P, evaluate_expr, make_problem, p_comp, p_mul, random_expr
 
 
@@ -165,8 +165,36 @@ def test_code_experiments_tiny(tmp_path, monkeypatch, name):
     assert len(spec["head_acc"]) == 3
 
 
+def test_heads_via_cli(tmp_path, monkeypatch, capsys):
+    # n=1 reference plus the three head types at equal layer counts, all trained on the same data,
+    # evaluated per head and decoded by every chain (and the tree, where the heads can draft one).
+    monkeypatch.setattr(heads, "settings", lambda scale: dataclasses.replace(
+        heads.Settings(), max_bytes=60_000, vocab_size=400, n_future=3, model=dict(dim=32, n_layers=5, n_heads=2),
+        steps=3, batch_size=2, seq_len=32, warmup=1, eval_batches=1, prompts=1, prompt_len=8, max_new_tokens=8,
+        repeats=1))
+    out = tmp_path / "heads"
+    assert main(["experiment", "heads", "--quick", "--out", str(out), "--threads", "1"]) == 0
+    assert "| sequential |" in capsys.readouterr().out
+    res = check_outputs(out, "heads.png")
+    runs = {r["heads"]: r for r in res["runs"]}
+    assert list(runs) == ["n=1", "parallel", "causal", "sequential"]
+    assert runs["n=1"]["n"] == 1 and [d["mode"] for d in runs["n=1"]["decoding"]] == ["greedy"]
+    d = 32
+    assert runs["parallel"]["params"] == runs["causal"]["params"] == runs["n=1"]["params"]
+    assert runs["sequential"]["params"] - runs["parallel"]["params"] == 2 * (2 * d * d + 2 * d)  # eh_proj + 2 norms
+    for name in ("parallel", "causal", "sequential"):
+        r = runs[name]
+        assert len(r["val_loss"]) == len(r["head_acc"]) == len(r["agree"]) == 3
+        modes = [x["mode"] for x in r["decoding"]]
+        assert modes == ["greedy", "spec1", "spec2"] + ([] if name == "sequential" else ["tree"])
+        assert all(x["matches_greedy"] and x["tokens_per_forward"] >= 1.0 for x in r["decoding"])
+    assert set(runs["sequential"]["skipped_modes"]) == {"tree"}
+    md = (out / "results.md").read_text()
+    assert "not run: " in md and "| causal | spec2 |" in md
+
+
 def test_registry_errors():
-    assert set(EXPERIMENTS) == {"induction", "polynomial", "bytes", "choose-n"}
+    assert set(EXPERIMENTS) == {"induction", "polynomial", "bytes", "choose-n", "heads"}
     with pytest.raises(ValueError):
         run_experiment("nope", quick=True)
     with pytest.raises(ValueError):

@@ -465,6 +465,7 @@ FINETUNE_SHOWN_DEFAULTS: dict[str, Any] = {"trainable": "extra_heads", "targets"
                                            "n_future": "the base checkpoint's"}
 
 def build_parser() -> argparse.ArgumentParser:
+    from .experiments import EXPERIMENTS
     from .train import TrainConfig
 
     p = argparse.ArgumentParser(prog="mtp", description="Multi-token prediction language models")
@@ -575,7 +576,7 @@ def build_parser() -> argparse.ArgumentParser:
     pbd.set_defaults(func=cmd_bench_decode)
 
     pxp = sub.add_parser("experiment", help="run one of the paper's small-scale studies")
-    pxp.add_argument("name", choices=["induction", "polynomial", "bytes", "choose-n"])
+    pxp.add_argument("name", choices=list(EXPERIMENTS))
     size = pxp.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="tiny settings that only check the plumbing (~1 min)")
     size.add_argument("--medium", action="store_true",

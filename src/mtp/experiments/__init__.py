@@ -20,6 +20,7 @@ EXPERIMENTS = {
     "polynomial": "polynomial",  # paper 4.2
     "bytes": "bytes",  # paper 3.3
     "choose-n": "choose_n",  # paper 3.4
+    "heads": "heads",  # parallel vs causal vs sequential heads (issue 14)
 }
 
 

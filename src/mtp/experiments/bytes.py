@@ -20,7 +20,10 @@ from . import common
 
 
 @dataclass
-class Settings:
+class CodeSettings:
+    """What every experiment on the code corpus sets (`bytes`, `choose-n`, `heads`): corpus and
+    tokenizer, model size, training, evaluation and the decoding benchmark."""
+
     tokenizer: str = "byte"  # byte | bpe
     vocab_size: int = 2048  # BPE only
     max_bytes: int = 1_000_000  # corpus size (the stdlib's Python source, capped)
@@ -30,7 +33,6 @@ class Settings:
     seq_len: int = 256
     lr: float = 2e-3
     warmup: int = 100
-    n_values: tuple[int, ...] = (1, 2, 4, 8)
     seeds: tuple[int, ...] = (0,)
     eval_batches: int = 20
     prompts: int = 8  # decoding benchmark: prompts cut from the validation split
@@ -38,12 +40,20 @@ class Settings:
     max_new_tokens: int = 128
 
 
+@dataclass
+class Settings(CodeSettings):
+    n_values: tuple[int, ...] = (1, 2, 4, 8)
+
+
+# The quick scale of the code experiments: seconds, checks the plumbing only.
+QUICK = dict(max_bytes=150_000, vocab_size=512, model=dict(dim=32, n_layers=9, n_heads=2), steps=10, batch_size=4,
+             seq_len=64, warmup=2, eval_batches=2, prompts=2, prompt_len=16, max_new_tokens=16)
+
+
 def settings(scale: str, tokenizer: str = "byte") -> Settings:
     n_values = (1, 2, 4, 8) if tokenizer == "byte" else (1, 2, 4, 6, 8)
     if scale == "quick":
-        return Settings(tokenizer=tokenizer, n_values=n_values, max_bytes=150_000, vocab_size=512,
-                        model=dict(dim=32, n_layers=9, n_heads=2), steps=10, batch_size=4, seq_len=64, warmup=2,
-                        eval_batches=2, prompts=2, prompt_len=16, max_new_tokens=16)
+        return Settings(tokenizer=tokenizer, n_values=n_values, **QUICK)
     # Default and medium are one setting (the field defaults), sized from measured runs
     # (docs/results.md): 16-21 min per byte model and about 21 per BPE model on one busy core; on 2
     # free cores about an hour. Longer runs: --set steps=1500 --set max_bytes=3000000.
@@ -60,21 +70,47 @@ def decode_prompts(data_dir: Path, count: int, length: int) -> list[list[int]]:
             if i * stride + length <= len(val)]
 
 
+def prepare_corpus(out_dir: Path, st: CodeSettings) -> tuple[Path, list[list[int]]]:
+    """The code corpus prepared under out_dir/data (once; reused when there) with st's tokenizer,
+    and the decoding benchmark's prompts cut from its validation split."""
+    from ..data import prepare
+
+    data_dir = out_dir / "data"
+    if not (data_dir / "meta.json").exists():
+        prepare(None, data_dir, tokenizer=st.tokenizer, vocab_size=st.vocab_size, max_bytes=st.max_bytes)
+    return data_dir, decode_prompts(data_dir, st.prompts, st.prompt_len)
+
+
+def train_code_model(run_dir: Path, data_dir: Path, st: CodeSettings, n_future: int, seed: int,
+                     head_type: str = "parallel") -> tuple[Any, dict[str, Any]]:
+    """Train (or read back, when finished) one model of st's size with `n_future` heads of
+    `head_type` and evaluate it on the validation split. Returns the model and its row:
+    parameter counts, per-head val_loss / head_acc, agree (teacher-forced agreement of each head
+    with head 1, from training's final evaluation), est_tokens_per_forward, train_seconds."""
+    from ..checkpoint import load_model
+    from ..evaluate.metrics import evaluate_prepared
+    from ..train import TrainConfig
+
+    cfg = TrainConfig(data=str(data_dir), out=str(run_dir), preset="1M", model=dict(st.model), n_future=n_future,
+                      head_type=head_type, steps=st.steps, batch_size=st.batch_size, seq_len=st.seq_len, lr=st.lr,
+                      warmup=st.warmup, seed=seed, dtype="fp32", eval_every=0, eval_batches=st.eval_batches,
+                      log_every=max(1, st.steps // 20), chunk_size=None)
+    res = common.train_run(cfg)
+    model, _ = load_model(run_dir)
+    metrics = evaluate_prepared(model, data_dir, batch_size=8, seq_len=st.seq_len, max_batches=st.eval_batches)
+    return model, {"non_embedding_params": res["non_embedding_params"], "params": res["params"],
+                   "val_loss": metrics["loss"], "head_acc": metrics["acc@1"], "agree": res["val"].get("agree"),
+                   "est_tokens_per_forward": metrics["est_tokens_per_forward"], "train_seconds": res["seconds"]}
+
+
 def run(out_dir: Path, st: Settings, seeds: Sequence[int], scale: str = "default",
         command: str = "mtp experiment bytes") -> dict[str, Any]:
     """Train every (n, seed) of `st` (byte or BPE, per st.tokenizer), evaluate and time decoding;
     `scale` only labels the results."""
-    from ..checkpoint import load_model
-    from ..data import prepare
     from ..decode_bench import decode_benchmark
-    from ..evaluate.metrics import evaluate_prepared
-    from ..train import TrainConfig
 
     t_start = time.perf_counter()
-    data_dir = out_dir / "data"
-    if not (data_dir / "meta.json").exists():
-        prepare(None, data_dir, tokenizer=st.tokenizer, vocab_size=st.vocab_size, max_bytes=st.max_bytes)
-    prompts = decode_prompts(data_dir, st.prompts, st.prompt_len)
+    data_dir, prompts = prepare_corpus(out_dir, st)
     unit = "bytes" if st.tokenizer == "byte" else "tokens"
     if not st.n_values:
         raise ValueError("n_values is empty: nothing to train")
@@ -82,18 +118,8 @@ def run(out_dir: Path, st: Settings, seeds: Sequence[int], scale: str = "default
     results: dict[str, Any] = {}
     for n in st.n_values:
         for seed in seeds:
-            run_dir = out_dir / "runs" / f"n{n}-s{seed}"
-            cfg = TrainConfig(data=str(data_dir), out=str(run_dir), preset="1M", model=dict(st.model), n_future=n,
-                              steps=st.steps, batch_size=st.batch_size, seq_len=st.seq_len, lr=st.lr,
-                              warmup=st.warmup, seed=seed, dtype="fp32", eval_every=0, eval_batches=st.eval_batches,
-                              log_every=max(1, st.steps // 20), chunk_size=None)
-            res = common.train_run(cfg)
-            model, _ = load_model(run_dir)
-            metrics = evaluate_prepared(model, data_dir, batch_size=8, seq_len=st.seq_len, max_batches=st.eval_batches)
-            row: dict[str, Any] = {"n": n, "seed": seed, "non_embedding_params": res["non_embedding_params"],
-                                   "val_loss": metrics["loss"], "head_acc": metrics["acc@1"],
-                                   "est_tokens_per_forward": metrics["est_tokens_per_forward"],
-                                   "train_seconds": res["seconds"]}
+            model, trained = train_code_model(out_dir / "runs" / f"n{n}-s{seed}", data_dir, st, n, seed)
+            row: dict[str, Any] = {"n": n, "seed": seed, **trained}
             if n > 1:  # self-speculative decoding with every extra head (k = n - 1 drafts)
                 bench = decode_benchmark(model, prompts, st.max_new_tokens, [f"spec{n - 1}"], batch_size=1)
                 spec = bench[-1]

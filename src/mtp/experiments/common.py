@@ -92,7 +92,8 @@ def train_run(cfg: Any, eval_steps: Sequence[int] = (), evaluate: Callable[[MTPM
     `evaluate` on the checkpoint. Resumable: a run directory that already holds the final
     checkpoint and its evaluations is read back instead of retrained.
 
-    Returns {"history": [{"step", **evaluate(...)}], "val": final per-head val metrics,
+    Returns {"history": [{"step", **evaluate(...)}], "val": final per-head val metrics (loss, acc,
+    agree: how often head i's argmax equals head 1's at the position it predicts),
     "records": metrics.jsonl records, "seconds": training time, "non_embedding_params"}."""
     from ..checkpoint import latest_checkpoint, load_model, load_trainer_state
     from ..train import train
@@ -125,7 +126,8 @@ def train_run(cfg: Any, eval_steps: Sequence[int] = (), evaluate: Callable[[MTPM
     model, _ = load_model(out)
     return {
         "history": saved["history"],
-        "val": {"loss": vals[-1]["head_loss"], "acc": vals[-1]["head_acc"]} if vals else result.get("val"),
+        "val": {"loss": vals[-1]["head_loss"], "acc": vals[-1]["head_acc"], "agree": vals[-1].get("head_agree")}
+        if vals else result.get("val"),
         "records": records,
         "seconds": saved["seconds"],
         "non_embedding_params": model.num_params(non_embedding=True),
