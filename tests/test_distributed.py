@@ -190,8 +190,11 @@ def test_one_step_gives_the_parameters_of_one_process(runs: dict[str, Any], stra
     ref = load_file(str(d / "step-single" / "ckpt-00000001" / "model.safetensors"))
     got = load_file(str(d / f"step-{strategy}" / "ckpt-00000001" / "model.safetensors"))
     assert ref.keys() == got.keys()
+    # Adam's first step moves each weight by about lr * g / (|g| + eps): where a gradient is
+    # near eps, its summation-order rounding shows up at ~1e-6 (measured: 1 element of 12288 at
+    # 1.2e-6). A missing or doubled gradient sync moves weights by up to lr = 3e-3.
     for k in ref:
-        torch.testing.assert_close(got[k], ref[k], rtol=1e-5, atol=1e-6, msg=k)
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-5, atol=1e-5, msg=k)
     assert_same_curve(metrics(d / "step-single"), metrics(d / f"step-{strategy}"))
 
 

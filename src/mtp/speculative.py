@@ -31,11 +31,12 @@ from dataclasses import dataclass, field
 from typing import Callable, Collection, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .generate import (
     GenerationError, GenerationResult, RowState, TokenCallback, cache_length, check_prompts,
-    check_sampling, commit_rows, make_generator, prefill_rows, sampling_probs, scratch_slots,
+    check_sampling, commit_rows, make_generator, pad_prompts, prefill_rows, sampling_probs, scratch_slots,
     setup_decode_cache, token_limits,
 )
 from .lookup import NGramIndex
@@ -157,6 +158,8 @@ def default_tree(n_future: int) -> DraftTree:
 
 
 def check_tree(model: MTPModel, tree: DraftTree) -> None:
+    if model.cfg.head_type == "sequential" and not tree.is_chain:
+        raise GenerationError("sequential heads draft a chain (each draft feeds the next); use k drafts, not a tree")
     if tree.depth + 1 > model.cfg.n_future:
         raise GenerationError(
             f"drafts {tree.depth} deep need {tree.depth + 1} heads, but the model has n_future={model.cfg.n_future}")
@@ -274,6 +277,88 @@ def draft_hidden(dec: "Decoder", block: Block, z: Tensor, hidden: Tensor, best: 
     return out[rows, accepted.clamp(max=length - 1)]
 
 
+class SequentialDrafter:
+    """Drafts of sequential heads (head_type="sequential"), one after another: head j+1 at
+    position t reads head j's output there and the token x_{t+j}, so draft j feeds draft j+1.
+
+    Each draft head has its own KV cache. After a pass whose head-1 states are new at positions
+    start..last (last = the accepted node; x_{last+1} is the pending token), head j+1 (j >= 1)
+    runs over positions start-j+1..last: at position t it reads x_{t+j}, a committed token while
+    t+j <= last+1 and a draft beyond. The j-1 positions before `start` are redone because they
+    read drafts last time; the position before them read committed tokens only and stays. Each
+    head's outputs are kept per position (`hidden`), as the next head reads them there. Padding
+    (rows with shorter windows) writes positions past `last`, which the next pass rewrites before
+    any query sees them, as everywhere in decoding."""
+
+    def __init__(self, model: MTPModel, state: RowState, depth: int, batch: int, cache_len: int) -> None:
+        param = next(model.parameters())
+        self.model, self.state, self.depth, self.cache_len = model, state, depth, cache_len
+        # hidden[j]: head j+1's outputs per (row, position), read by head j+2 (heads 1..depth).
+        self.hidden = torch.zeros(depth, batch, cache_len, model.cfg.dim, dtype=param.dtype, device=param.device)
+
+    def tokens(self, r: int, start: int, stop: int) -> list[int]:
+        """Committed tokens at positions start..stop-1 of row r (its prompt, then its output)."""
+        q = self.state.request[r]
+        prompt, out = self.state.prompts[q], self.state.out[q]
+        return prompt[start:stop] + out[max(0, start - len(prompt)): max(0, stop - len(prompt))]
+
+    def prefill(self, rows: Sequence[int]) -> Tensor:
+        """Prefill the prompts of `rows` (head 1 only), then draft: logits (R, depth+1, V), head
+        1's at each prompt's last token followed by the drafts after its greedy token."""
+        model, device = self.model, self.hidden.device
+        tokens, lengths = pad_prompts(self.state.prompts_of(rows), device)
+        index = torch.tensor(list(rows), device=device)
+        everyone = list(rows) == list(range(self.state.batch))
+        positions = torch.arange(tokens.shape[1], device=device).expand(len(rows), -1)
+        _, hidden = model.trunk_and_heads(tokens, positions, heads=1, rows=None if everyone else index)
+        self.state.count_forward(rows)
+        self.hidden[0, index[:, None], positions] = hidden[:, :, 0]
+        last = lengths - 1
+        first = model.unembed(hidden[torch.arange(len(rows), device=device), last, 0])  # (R, V)
+        drafts = self.draft(rows, torch.zeros_like(last), last, first.argmax(-1))
+        return torch.cat([first[:, None], drafts], dim=1)
+
+    def after_verify(self, block: Block, hidden: Tensor, accepted: Tensor, pending: Tensor) -> Tensor:
+        """Draft logits (B, depth, V) after a chain verify pass with head-1 states `hidden`
+        (B, N, 1, dim) at positions base..base+N-1, `accepted` drafts and the new pending tokens."""
+        rows = torch.arange(hidden.shape[0], device=hidden.device)[:, None]
+        self.hidden[0, rows, block.slots] = hidden[:, :, 0]
+        return self.draft(range(self.state.batch), block.base, block.base + accepted, pending)
+
+    def draft(self, rows: Sequence[int], start: Tensor, last: Tensor, pending: Tensor) -> Tensor:
+        model, device = self.model, self.hidden.device
+        R = len(rows)
+        index = torch.tensor(list(rows), device=device)
+        cache_rows = None if list(rows) == list(range(self.state.batch)) else index
+        arange_r = torch.arange(R, device=device)
+        # Tokens x_{start+1} .. x_{last+1} (committed; the last is pending), then the drafts.
+        starts, lasts = start.tolist(), last.tolist()
+        known = [self.tokens(r, s + 1, e + 1) for r, s, e in zip(rows, starts, lasts)]
+        width = max(map(len, known)) + 1 + self.depth
+        seq = torch.zeros(R, width, dtype=torch.long, device=device)
+        for i, toks in enumerate(known):
+            seq[i, : len(toks)] = torch.tensor(toks, dtype=torch.long)
+        n_known = torch.tensor([len(t) for t in known], device=device)
+        seq[arange_r, n_known] = pending
+        out = []
+        for j in range(1, self.depth + 1):
+            first = (start - (j - 1)).clamp(min=0)  # (R,)
+            span = int((last - first).max()) + 1
+            pos = first[:, None] + torch.arange(span, device=device)
+            slots = scratch_slots(pos, self.cache_len)
+            x = self.hidden[j - 1, index[:, None], slots]
+            ahead = seq.gather(1, (pos + j - start[:, None] - 1).clamp(0, width - 1))  # x_{t+j}
+            emb = F.embedding(ahead, model.tok_embeddings.weight)
+            ctx = model.cache_context(ahead, pos, slots, None, cache_rows)
+            h = model.run_head(j, x, model.rope(pos), ctx, emb=emb)
+            if j < self.depth:
+                self.hidden[j, index[:, None], slots] = h
+            logits = model.unembed(h[arange_r, last - first])  # (R, V) at each row's last position
+            out.append(logits)
+            seq[arange_r, n_known + j] = logits.argmax(-1)  # draft j: x_{last+1+j}
+        return torch.stack(out, dim=1)
+
+
 def draft_tokens(draft_logits: Tensor, tree: DraftTree, tables: TreeTables) -> Tensor:
     """Candidate tokens (B, N-1) of the tree's nodes from heads 2..depth+1 logits (B, depth, V)."""
     top = draft_logits.topk(max(tree.widths()), dim=-1).indices  # (B, depth, width)
@@ -320,11 +405,19 @@ class Decoder:
     on_tokens: TokenCallback | None
     drafter: str = "heads"  # see DRAFTERS
     lookups: dict[int, NGramIndex] = field(default_factory=dict)  # per request, for prompt lookup
+    sequential: SequentialDrafter | None = None  # drafts of sequential heads, made one after another
 
     @property
     def heads(self) -> int:
         """Heads run at a verified position: 1 when drafts come from prompt lookup alone."""
         return 1 if self.drafter == "lookup" else self.tree.depth + 1
+
+    def prefill(self, rows: Sequence[int]) -> Tensor:
+        """Prefill the prompts of `rows` into their cache rows; logits (R, heads, V) at each
+        prompt's last token (head 1, then the drafts)."""
+        if self.sequential is not None:
+            return self.sequential.prefill(rows)
+        return prefill_rows(self.model, self.state, rows, heads=self.heads)
 
     def propose(self, head_drafts: Tensor | None) -> Tensor:
         """Draft tokens (B, k) of a chain: the heads' (drafter "heads"); prompt lookup's where the
@@ -354,6 +447,7 @@ def start_decoder(model: MTPModel, prompts: list[list[int]], max_new_tokens: int
         raise GenerationError(f"drafter must be one of {', '.join(DRAFTERS)}, got {drafter!r}")
     if drafter != "heads" and not tree.is_chain:
         raise GenerationError("prompt lookup drafts a chain; use it with k drafts, not a tree")
+    sequential = drafter != "lookup" and model.cfg.head_type == "sequential"
     if drafter != "lookup":
         check_tree(model, tree)
     device = next(model.parameters()).device
@@ -366,7 +460,9 @@ def start_decoder(model: MTPModel, prompts: list[list[int]], max_new_tokens: int
     if not state.active_rows():
         return dec, None
     setup_decode_cache(model, state.batch, cache_len)
-    return dec, prefill_rows(model, state, range(state.batch), heads=dec.heads)
+    if sequential:
+        dec.sequential = SequentialDrafter(model, state, tree.depth, state.batch, cache_len)
+    return dec, dec.prefill(range(state.batch))
 
 
 # First tokens (R,) and drafts (R, depth, ...) from prefill logits (R, depth+1, V).
@@ -385,7 +481,7 @@ def refill_rows(dec: Decoder, pick: Pick, pending: Tensor, drafts: Tensor) -> tu
     """Continuous batching: rows whose request finished take the next prompts; each is prefilled
     and its first token committed (again, while rows finish at once). Updates pending / drafts."""
     while rows := dec.state.refill():
-        first, new_drafts = pick(prefill_rows(dec.model, dec.state, rows, heads=dec.heads))
+        first, new_drafts = pick(dec.prefill(rows))
         index = torch.tensor(rows, device=pending.device)
         pending[index], drafts[index] = first, new_drafts
         commit_rows(dec.state, rows, [[t] for t in first.tolist()], dec.on_tokens)
@@ -419,6 +515,8 @@ def greedy_step(dec: Decoder, pending: Tensor, draft_logits: Tensor) -> tuple[Te
     commit_block(dec, nodes, best, accepted, bonus)
     if dec.heads == 1:  # prompt lookup alone: no draft heads to run
         return bonus, draft_logits
+    if dec.sequential is not None:
+        return bonus, dec.sequential.after_verify(block, hidden, accepted, bonus)
     drafts = draft_hidden(dec, block, z, hidden, best, accepted)
     return bonus, dec.model.unembed(drafts)
 
@@ -533,6 +631,10 @@ def sampling_step(dec: Decoder, sampling: Sampling, pending: Tensor, q: Tensor,
     dec.stats.update(accepted, max_depth, block.active)
     dec.state.count_forward()
     commit_block(dec, nodes, accepted, accepted, final)  # in a chain, node index == depth
+    if dec.sequential is not None:
+        # Each sequential head drafts after the previous head's greedy token, not its sample:
+        # q_j is still fixed before draft j is drawn, which is all the rejection rule needs.
+        return final, sampling.probs(dec.sequential.after_verify(block, hidden, accepted, final))
     drafts = draft_hidden(dec, block, z, hidden, accepted, accepted)
     return final, sampling.probs(dec.model.unembed(drafts))
 
