@@ -688,9 +688,11 @@ class TokenData:
             self._perms.move_to_end(key)
         return perm
 
-    def _gather(self, windows: np.ndarray, seq_len: int, extra: int) -> torch.Tensor:
+    def gather(self, windows: np.ndarray, seq_len: int, extra: int) -> torch.Tensor:
+        """LongTensor ``(len(windows), seq_len + extra)``: the windows with these indices."""
         index = windows[:, None] * seq_len + np.arange(seq_len + extra)
         return torch.from_numpy(self.tokens[index].astype(np.int64))
+
 
     def batch(
         self,
@@ -708,6 +710,21 @@ class TokenData:
         epochs, each a seeded permutation of all windows; rank r takes the r-th block of
         B. The result depends only on the arguments, so resuming at step s is exact.
         """
+        return self.gather(self.batch_windows(step, batch_size, seq_len, extra, seed, rank, world_size),
+                           seq_len, extra)
+
+    def batch_windows(
+        self,
+        step: int,
+        batch_size: int,
+        seq_len: int,
+        extra: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> np.ndarray:
+        """The indices (int64, batch_size) of the windows `batch` gathers for these arguments:
+        what per-window data kept beside the tokens (mtp.base_cache) is looked up by."""
         if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"bad batch_size={batch_size}, rank={rank}, world_size={world_size}")
         if step < 0 or seed < 0:
@@ -720,7 +737,7 @@ class TokenData:
         for epoch in np.unique(epochs):
             mask = epochs == epoch
             windows[mask] = self._permutation(seed, int(epoch), n)[offsets[mask]]
-        return self._gather(windows, seq_len, extra)
+        return windows
 
 
 def validation_batches(
@@ -741,6 +758,6 @@ def validation_batches(
     def batches() -> Iterator[torch.Tensor]:
         for b in range(n_batches):
             windows = np.arange(b * batch_size, min(n, (b + 1) * batch_size), dtype=np.int64)
-            yield data._gather(windows, seq_len, extra)
+            yield data.gather(windows, seq_len, extra)
 
     return batches()

@@ -24,10 +24,11 @@ from typing import Any, Callable, ClassVar
 import torch
 import torch.nn.functional as F
 
+from . import base_cache as base_cache_io
 from . import checkpoint as ckpt_io
 from . import distributed, fsutil
 from .data import TokenData, Tokenizer, validation_batches
-from .loss import IGNORE, align_targets, mtp_backward
+from .loss import IGNORE, TARGETS, align_targets, base_kind, mtp_backward
 from .model import HEAD_TYPES, PRESETS, ConfigError, ModelConfig, MTPModel
 from .options import check_fields, check_mapping, opt
 
@@ -96,8 +97,17 @@ class TrainConfig:
                           ("copy", "random"), group="finetuning")
     trainable: str = opt("all", "what trains: everything, the heads (trunk frozen), or heads 2..n only "
                                 "(next-token output unchanged)", ("all", "heads", "extra_heads"), group="finetuning")
-    targets: str = opt("data", "what heads 2..n learn: the data, or head 1's greedy tokens (self-distillation, "
-                               "for drafting)", ("data", "self"), group="finetuning")
+    targets: str = opt("data", "what heads 2..n learn: the data, head 1's greedy tokens (self-distillation, "
+                               "for drafting), or head 1's distribution cut to its distill_topk likeliest tokens "
+                               "(KL; logged head losses are then KLs)", TARGETS, group="finetuning")
+    distill_topk: int = opt(32, "targets=distill: head 1's likeliest tokens kept per position (renormalised)",
+                            group="finetuning")
+    base_cache: str | None = opt(None, "trainable=extra_heads: compute the frozen base's outputs (trunk or head 1 "
+                                       "output, head 1's top-k and loss) for the training split once, memory-mapped "
+                                       "in this directory, and train the heads from them every epoch; auto: "
+                                       "OUT/base-cache; rebuilt when the base, data or settings change",
+                                 group="finetuning")
+    base_cache_dtype: str = opt("bf16", "dtype of the cached hidden states", ("bf16", "fp32"), group="finetuning")
 
     def __post_init__(self) -> None:
         check_fields(self)  # types and choices: one line naming the key, the value and what is expected
@@ -112,8 +122,15 @@ class TrainConfig:
         if self.n_future < 1:
             raise ConfigError(f"n_future must be >= 1, got {self.n_future}")
         self.model = check_mapping(self.model, ModelConfig, "model.")
-        if self.targets == "self" and self.head_type == "anticausal":
-            raise ConfigError("targets=self needs head 1 to read the trunk output; anticausal heads do not")
+        if self.targets != "data" and self.head_type == "anticausal":
+            raise ConfigError(f"targets={self.targets} needs head 1 to read the trunk output; anticausal heads do not")
+        if self.distill_topk < 1:
+            raise ConfigError(f"distill_topk must be >= 1, got {self.distill_topk}")
+        if self.base_cache is not None and self.base_cache.lower() in ("none", "null", "off", ""):
+            self.base_cache = None
+        if self.base_cache is not None and self.trainable != "extra_heads":
+            raise ConfigError(f"base_cache needs trainable=extra_heads (a frozen trunk, head 1 and unembedding), "
+                              f"got trainable={self.trainable}")
         if self.lr <= 0:
             raise ConfigError(f"lr must be positive, got {self.lr}")
         if self.head_weights is not None and len(self.head_weights) != self.model.get("n_future", self.n_future):
@@ -360,12 +377,18 @@ def train(cfg: TrainConfig, stop_after: int | None = None,
 
 
 def _discard(out: Path, keep_dir: bool) -> None:
+    """Remove what a failed new run wrote, except a complete base cache (base_cache=auto): it
+    cost a pass of the base over the data and a retry with the same --out reuses it."""
     if not out.is_dir():
         return
-    if not keep_dir:
+    cache = out / BASE_CACHE_AUTO
+    keep_cache = (cache / base_cache_io.META).is_file()
+    if not keep_dir and not keep_cache:
         shutil.rmtree(out, ignore_errors=True)
         return
     for p in out.iterdir():
+        if keep_cache and p == cache:
+            continue
         if p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
         else:
@@ -444,6 +467,7 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo, stop_after: int | None,
               f"vocab {mcfg.vocab_size}, {model.num_params() / 1e6:.2f}M parameters; "
               f"{len(train_data.tokens):,} training tokens; device {device}{layout}"
               + (f"; resuming at step {start}" if start else ""), flush=True)
+    cache = None if cfg.base_cache is None or start >= cfg.steps else _base_cache(cfg, model, train_data, dist)
     bar = _progress(cfg, start, dist.is_main)
     end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
     final_eval: dict[str, list[float]] | None = None
@@ -456,12 +480,15 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo, stop_after: int | None,
             g["lr"] = lr
         head_loss = torch.zeros(mcfg.n_future)
         for micro in range(cfg.grad_accum):
-            batch = train_data.batch(step * cfg.grad_accum + micro, cfg.batch_size, cfg.seq_len, mcfg.n_future,
-                                     seed=cfg.seed, rank=dist.rank, world_size=dist.world_size).to(device)
+            windows = train_data.batch_windows(step * cfg.grad_accum + micro, cfg.batch_size, cfg.seq_len,
+                                               mcfg.n_future, seed=cfg.seed, rank=dist.rank,
+                                               world_size=dist.world_size)
+            batch = train_data.gather(windows, cfg.seq_len, mcfg.n_future).to(device)
+            base = None if cache is None else cache.get(windows, device, next(model.parameters()).dtype)
             with micro_batch(micro == cfg.grad_accum - 1), autocast(device, cfg.dtype):
                 _, per_head = mtp_backward(runner, batch, cfg.head_weights, seq_len=cfg.seq_len,  # type: ignore[arg-type]
                                            chunk_size=cfg.chunk_size, loss_scale=1.0 / cfg.grad_accum,
-                                           self_distill=cfg.targets == "self")
+                                           targets=cfg.targets, distill_topk=cfg.distill_topk, base=base)
             head_loss += per_head.float().cpu() / cfg.grad_accum
         # Logged on every rank and checked for NaN alike, so all ranks stop together.
         head_loss = distributed.mean_over_ranks(head_loss, dist)
@@ -527,6 +554,24 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo, stop_after: int | None,
         writer.close()
     distributed.barrier(dist)  # every rank returns once rank 0 has written the last checkpoint
     return {"out": str(out), "step": end, "val": final_eval, "records": log.records, "is_main": dist.is_main}
+
+
+BASE_CACHE_AUTO = "base-cache"  # base_cache=auto: this directory inside the run directory
+
+
+def _base_cache(cfg: TrainConfig, model: MTPModel, train_data: TokenData,
+                dist: distributed.DistInfo) -> base_cache_io.BaseCache:
+    """The frozen base's outputs on the training split (see mtp.base_cache), reused or built."""
+    if dist.is_distributed:
+        raise ConfigError("base_cache runs in one process; drop it under torchrun")
+    kind = base_kind(model.cfg.head_type)  # refuses anticausal heads
+    path = Path(cfg.out) / BASE_CACHE_AUTO if cfg.base_cache == "auto" else Path(cfg.base_cache or "")
+    topk = {"data": 0, "self": 1, "distill": cfg.distill_topk}[cfg.targets]
+    spec = base_cache_io.CacheSpec(kind=kind, topk=topk, dtype=cfg.base_cache_dtype, autocast=cfg.dtype)
+    cache, _ = base_cache_io.ensure_cache(path, model, train_data, cfg.seq_len, model.cfg.n_future, spec,
+                                          batch_size=cfg.batch_size, chunk_size=cfg.chunk_size, device=dist.device,
+                                          progress=cfg.progress)
+    return cache
 
 
 def _progress(cfg: TrainConfig, start: int, main: bool):
