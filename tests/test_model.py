@@ -115,7 +115,7 @@ def test_cache_errors():
     m.setup_cache(1, 8)
     with pytest.raises(ConfigError, match="exceeds the cache's max_batch"):
         m(torch.zeros(2, 1, dtype=torch.long), torch.tensor([0]))
-    assert m.cache_len == 512  # rounded up to kv_block(fp32); values are not checked (no host sync)
+    assert m.cache_len == 64  # key_length(7): slot 7 + QUERY_SLACK, rounded up to KEY_BUCKET; slots unchecked
     with pytest.raises(IndexError):
         m(torch.zeros(1, 1, dtype=torch.long), torch.tensor([m.cache_len]))
     with pytest.raises(ConfigError, match="exceeds max_seq_len"):

@@ -60,6 +60,9 @@ class ModelConfig:
     mlp: str = "swiglu"  # swiglu | gelu (tanh-approximate GELU, two matrices)
     pos_emb: str = "rope"  # rope | learned (max_seq_len x dim table added to the token embedding)
     bias: bool = False  # biases on every linear layer inside the blocks
+    # Draft heads 2..n score only this many tokens (MTPModel.draft_ids, e.g. the most frequent
+    # ones), through a slice of the unembedding; head 1 always scores all. 0: the full vocabulary.
+    draft_vocab: int = 0
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -85,6 +88,8 @@ class ModelConfig:
             raise ConfigError(f"head dim {self.dim // self.n_heads} must be even for RoPE")
         if self.vocab_size < 1 or self.dim < 1 or self.n_layers < 1:
             raise ConfigError("dim, n_layers and vocab_size must be positive")
+        if not 0 <= self.draft_vocab <= self.vocab_size:
+            raise ConfigError(f"draft_vocab must be in [0, vocab_size={self.vocab_size}], got {self.draft_vocab}")
 
     @property
     def head_dim(self) -> int:
@@ -161,13 +166,19 @@ PRESETS: dict[str, dict[str, Any]] = {
 # differently from M >= 2. So each weight shape is calibrated once (`row_block`): the largest
 # block of rows, and the fewest rows, for which every row comes out the same; cached forwards
 # cut matmuls into such blocks. SDPA rounds a query differently with other queries in the call
-# (bf16: rarely, by one ulp; fp32: one query vs two), and with the key length unless it is a
-# multiple of `kv_block` with the tail masked (512 in fp32; in bf16 any length, measured at
-# multiples of 64). So every query gets a call of its own (padded to two queries in fp32), over
-# the whole cache, rounded up to `kv_block`.
-def kv_block(dtype: torch.dtype) -> int:
-    """Cache lengths are multiples of this, so attention numerics do not depend on the length."""
-    return 64 if dtype in (torch.bfloat16, torch.float16) else 512
+# (bf16: rarely, by one ulp; fp32: one query vs two), and with the number of keys (fp32, unless
+# both are multiples of 512). So every query gets a call of its own (padded to two queries in
+# fp32), over a number of keys that depends on its position alone (`key_length`): a greedy step
+# and a verify pass give a token at position p the same keys, and it is not charged for the
+# whole cache (which an earlier version attended over, rounded up to 512 slots in fp32).
+KEY_BUCKET = 32  # key lengths are multiples of this: few distinct lengths, so few SDPA calls per pass
+QUERY_SLACK = 32  # slots a query may need past its position (tree nodes sit in slots base + node index)
+
+
+def key_length(positions: Tensor) -> Tensor:
+    """Cache slots attended by a query at each position: its own slot plus QUERY_SLACK, rounded
+    up to KEY_BUCKET. A function of the position alone, hence the same in every kind of pass."""
+    return (positions + QUERY_SLACK + KEY_BUCKET) // KEY_BUCKET * KEY_BUCKET
 
 
 ROW_BLOCKS = (64, 32, 16, 8, 4, 2)  # candidate blocks, largest first
@@ -324,25 +335,37 @@ class Attention(nn.Module):
             )
         else:
             assert self.cache_k is not None and self.cache_v is not None, "call setup_cache() first"
-            # Write this step's keys/values at each row's own slots, then attend over the whole
-            # cache (masked): a fixed key length keeps the numerics independent of the pass.
+            # Write this step's keys/values at each row's own slots, then attend over the first
+            # key_length(position) slots (masked): numerics that do not depend on the pass.
             # Cached keys never carry gradients (decoding only; head caches may be views of one buffer).
             self.cache_k[ctx.rows, ctx.slots] = k.detach().to(self.cache_k.dtype)
             self.cache_v[ctx.rows, ctx.slots] = v.detach().to(self.cache_v.dtype)
-            rows = slice(0, B) if ctx.leading else ctx.rows[:, 0]
-            keys = self.cache_k[rows].transpose(1, 2).to(q.dtype)
-            values = self.cache_v[rows].transpose(1, 2).to(q.dtype)
-            # SDPA rounds a query differently depending on how many queries share the call (rarely,
-            # by one bf16 ulp: measured on 1 of 255 to 22 of 1023 key lengths), so every query gets
-            # a call of its own: queries fold into the batch, each row of keys repeated per query.
-            q = q.reshape(B * S, 1, self.n_heads, self.head_dim).transpose(1, 2)
-            q = q.expand(-1, -1, ctx.bias.shape[2], -1)  # sdpa_queries copies of each query
-            if S > 1:
-                keys, values = keys.repeat_interleave(S, dim=0), values.repeat_interleave(S, dim=0)
-            out = F.scaled_dot_product_attention(
-                q, keys, values, attn_mask=ctx.bias, enable_gqa=self.n_kv_heads != self.n_heads,
-            )[:, :, 0].reshape(B, S, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, S, hd) as below
+            out = self.cached_attention(q, ctx).reshape(B, S, self.n_heads, self.head_dim).transpose(1, 2)
         return self.wo(out.transpose(1, 2).reshape(B, S, -1))
+
+    def cached_attention(self, q: Tensor, ctx: "CacheContext") -> Tensor:
+        """Attention of queries q (B, S, H, hd) over the cache, (B * S, H, hd); see `key_length`.
+
+        SDPA rounds a query differently depending on how many queries share the call (rarely, by
+        one bf16 ulp: measured on 1 of 255 to 22 of 1023 key lengths), so every query gets a call
+        of its own: queries fold into the batch, each row of keys repeated per query."""
+        assert self.cache_k is not None and self.cache_v is not None
+        B, S = q.shape[:2]
+        rows = slice(0, B) if ctx.leading else ctx.rows[:, 0]
+        q = q.reshape(B * S, 1, self.n_heads, self.head_dim).transpose(1, 2)
+        q = q.expand(-1, -1, ctx.bias.shape[2], -1)  # sdpa_queries copies of each query
+        gqa = self.n_kv_heads != self.n_heads
+        out = q.new_empty(B * S, self.n_heads, self.head_dim)
+        for index, length in ctx.groups:
+            # The same ops whether a group holds every query or some (a query must not round
+            # differently because another one, elsewhere in the pass, needs more keys).
+            index = torch.arange(B * S, device=q.device) if index is None else index
+            own = index // S  # each query's row
+            keys = self.cache_k[rows, :length][own].transpose(1, 2).to(q.dtype)
+            values = self.cache_v[rows, :length][own].transpose(1, 2).to(q.dtype)
+            out[index] = F.scaled_dot_product_attention(
+                q[index], keys, values, attn_mask=ctx.bias[index, ..., :length], enable_gqa=gqa)[:, :, 0]
+        return out
 
 
 class FeedForward(nn.Module):
@@ -424,6 +447,9 @@ class CacheContext:
     # per pass for every layer, in the shape the per-query SDPA calls take:
     # (B * S, 1, sdpa_queries, cache_len), query (b, s) at row b * S + s.
     bias: Tensor
+    # Queries grouped by their number of keys (`key_length`): (query indices into B * S, or None
+    # for all of them, key length). One SDPA call per group.
+    groups: list[tuple[Tensor | None, int]] = field(default_factory=list)
     leading: bool = True  # rows are 0..B-1, so reads can slice the cache instead of gathering
 
 
@@ -508,6 +534,13 @@ class MTPModel(nn.Module):
         self.heads = nn.ModuleList(head_cls(cfg) if i == 0 else later_cls(cfg) for i in range(cfg.n_future))
         self.norm = make_norm(cfg)
         self.output = Linear(cfg.dim, cfg.vocab_size, bias=False)
+        # The draft vocabulary: a buffer (saved with the weights) of cfg.draft_vocab token ids, set
+        # by `set_draft_vocab`; None without one.
+        if cfg.draft_vocab:
+            self.register_buffer("draft_ids", torch.arange(cfg.draft_vocab))
+        else:
+            self.draft_ids: Tensor | None = None
+        self._draft_rows: tuple[Any, Tensor] | None = None  # (key, output rows of draft_ids), decoding
         self.cache_batch = 0
         self.cache_len = 0
         self.draft_stack: DraftStack | None = None  # set by setup_cache for parallel heads
@@ -600,6 +633,62 @@ class MTPModel(nn.Module):
     def unembed(self, h: Tensor) -> Tensor:
         return self.output(self.norm(h))
 
+    # ----- draft vocabulary -------------------------------------------------------------------
+    def set_draft_vocab(self, ids: Sequence[int] | Tensor | None) -> None:
+        """Let heads 2..n score only the tokens `ids` (stored sorted; cfg.draft_vocab = their
+        number); None: every head scores the full vocabulary again."""
+        if ids is None:
+            if "draft_ids" in self._buffers:
+                del self._buffers["draft_ids"]
+            self.draft_ids = None
+            self.cfg.draft_vocab = 0
+        else:
+            t = torch.as_tensor(ids, dtype=torch.long).flatten()
+            sorted_ids = t.unique(sorted=True)
+            if len(sorted_ids) != len(t) or len(t) == 0:
+                raise ConfigError("the draft vocabulary needs distinct token ids, at least one")
+            if int(sorted_ids[0]) < 0 or int(sorted_ids[-1]) >= self.cfg.vocab_size:
+                raise ConfigError(f"draft vocabulary ids must lie in [0, {self.cfg.vocab_size})")
+            sorted_ids = sorted_ids.to(self.output.weight.device)
+            if "draft_ids" in self._buffers:
+                self._buffers["draft_ids"] = sorted_ids
+            else:
+                del self.draft_ids
+                self.register_buffer("draft_ids", sorted_ids)
+            self.cfg.draft_vocab = len(sorted_ids)
+        self._draft_rows = None
+
+    def draft_weight(self) -> Tensor:
+        """The unembedding's rows of the draft vocabulary (K, dim). With gradients on it is a
+        slice in the autograd graph (training); otherwise a copy, kept until the weights change."""
+        assert self.draft_ids is not None
+        w = self.output.weight
+        if torch.is_grad_enabled() and w.requires_grad:
+            return w[self.draft_ids]
+        key = (w.data_ptr(), w._version, w.dtype, w.device, self.draft_ids.data_ptr(), self.draft_ids._version)
+        if self._draft_rows is None or self._draft_rows[0] != key:
+            self._draft_rows = (key, w.detach()[self.draft_ids])
+        return self._draft_rows[1]
+
+    def draft_logits(self, h: Tensor) -> Tensor:
+        """Logits (..., K) of draft-head outputs h (..., dim) over the draft vocabulary: column j
+        scores token draft_ids[j] (the shared norm, then a K-row slice of the unembedding, K/V of
+        its cost). Without a draft vocabulary: `unembed(h)` (K = V, column j is token j)."""
+        if self.draft_ids is None:
+            return self.unembed(h)
+        return F.linear(self.norm(h), self.draft_weight())
+
+    def draft_unembed(self, h: Tensor) -> Tensor:
+        """Logits (..., V) of draft-head outputs h (..., dim) over the full vocabulary, -inf
+        outside the draft vocabulary (so an argmax or a sample is always a draft token); equal to
+        `unembed(h)` without one. For speculative sampling, softmax of these is the draft
+        distribution q (zero outside the draft vocabulary)."""
+        if self.draft_ids is None:
+            return self.unembed(h)
+        small = self.draft_logits(h)
+        out = small.new_full((*small.shape[:-1], self.cfg.vocab_size), float("-inf"))
+        return out.index_copy_(-1, self.draft_ids, small)
+
     def forward(self, tokens: Tensor, input_pos: Tensor | None = None, *, slots: Tensor | None = None,
                 mask: Tensor | None = None, heads: int | None = None, rows: Tensor | None = None) -> Tensor:
         """Logits (B, T, heads, V). Without `input_pos` this is a plain causal forward.
@@ -648,15 +737,15 @@ class MTPModel(nn.Module):
     # ----- KV cache ---------------------------------------------------------------------------
     def setup_cache(self, max_batch: int, max_len: int, dtype: torch.dtype | None = None,
                     device: torch.device | str | None = None) -> None:
-        """Allocate key/value buffers for the trunk and every head block, `max_len` positions
-        rounded up to a multiple of `kv_block`, and switch the matmuls to batch-invariant row
-        blocks (see `invariant_linear`) until `clear_cache`."""
+        """Allocate key/value buffers for the trunk and every head block, for `max_len` positions
+        (and the slots past the last one that its queries read, see `key_length`), and switch the
+        matmuls to batch-invariant row blocks (see `invariant_linear`) until `clear_cache`."""
         if max_len > self.cfg.max_seq_len:
             raise ConfigError(f"cache length {max_len} exceeds max_seq_len={self.cfg.max_seq_len}")
         param = next(self.parameters())
         dtype = dtype or param.dtype
         device = device or param.device
-        length = -(-max_len // kv_block(dtype)) * kv_block(dtype)
+        length = int(key_length(torch.tensor(max(max_len, 1) - 1)))
         shape = (max_batch, length, self.cfg.n_kv_heads, self.cfg.head_dim)
         for m in self.modules():
             if isinstance(m, Attention):
@@ -693,8 +782,8 @@ class MTPModel(nn.Module):
             raise ConfigError("KV cache not set up: call model.setup_cache(max_batch, max_len) first")
         if B > self.cache_batch:
             raise ConfigError(f"batch of {B} exceeds the cache's max_batch={self.cache_batch}")
-        # No checks of tensor values here: they would synchronise with the host every pass.
-        # Callers keep rows and slots inside the cache (indexing past it raises anyway).
+        # No checks of slot values here (indexing past the cache raises anyway); the one host
+        # sync per pass is the grouping of queries by key length below.
         slots = input_pos if slots is None else slots
         if mask is None:
             mask = causal_cache_mask(input_pos, self.cache_len)
@@ -704,7 +793,13 @@ class MTPModel(nn.Module):
         rows = torch.arange(B, device=tokens.device) if rows is None else rows
         bias = torch.zeros(mask.shape, dtype=self.cache_dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
         bias = bias.reshape(B * S, 1, 1, -1).expand(-1, -1, sdpa_queries(self.cache_dtype), -1)
-        return CacheContext(rows=rows[:, None], slots=slots, bias=bias, leading=leading)
+        # One host sync per pass (not per layer): which queries share a key length. Positions
+        # past the cache (padding of finished rows) are capped; no real token gets there.
+        lengths = key_length(input_pos).clamp(max=self.cache_len).reshape(-1)
+        distinct = lengths.unique().tolist()
+        groups: list[tuple[Tensor | None, int]] = [(None, distinct[0])] if len(distinct) == 1 else [
+            ((lengths == n).nonzero().squeeze(1), n) for n in distinct]
+        return CacheContext(rows=rows[:, None], slots=slots, bias=bias, groups=groups, leading=leading)
 
     def cache_move(self, rows: Tensor, src: Tensor, dst: Tensor) -> None:
         """Copy cached keys/values from slots `src` to slots `dst` (both (B, K)) for rows (B, 1):

@@ -40,7 +40,7 @@ from .generate import (
     setup_decode_cache, token_limits,
 )
 from .lookup import NGramIndex
-from .model import MTPModel
+from .model import QUERY_SLACK, MTPModel
 
 DEFAULT_TREE = (3, 2, 1)  # candidates taken from heads 2, 3, 4
 DRAFTERS = ("heads", "lookup", "both")  # the model's heads, prompt lookup, lookup where it matches else heads
@@ -158,14 +158,16 @@ def default_tree(n_future: int) -> DraftTree:
 
 
 def check_tree(model: MTPModel, tree: DraftTree) -> None:
-    if model.cfg.head_type == "sequential" and not tree.is_chain:
-        raise GenerationError("sequential heads draft a chain (each draft feeds the next); use k drafts, not a tree")
     if tree.depth + 1 > model.cfg.n_future:
         raise GenerationError(
             f"drafts {tree.depth} deep need {tree.depth + 1} heads, but the model has n_future={model.cfg.n_future}")
     if max(tree.widths()) > model.cfg.vocab_size:
         raise GenerationError(f"tree asks for {max(tree.widths())} candidates per head, "
                               f"more than the vocabulary of {model.cfg.vocab_size}")
+    if model.cfg.head_type == "sequential" and not tree.is_chain:
+        raise GenerationError("sequential heads draft a chain (each draft feeds the next); use k drafts, not a tree")
+    if not tree.is_chain and tree.size - 2 > QUERY_SLACK:  # node i: slot base + i, position base + depth
+        raise GenerationError(f"a tree of {tree.size - 1} drafts is too large; at most {QUERY_SLACK + 1}")
 
 
 def chain_for(model: MTPModel, k: int | None) -> DraftTree:
