@@ -50,9 +50,9 @@ FORMAT = "mtp-base-cache"
 VERSION = 1
 META = "cache.json"
 DTYPES = {"bf16": (torch.bfloat16, np.uint16), "fp32": (torch.float32, np.float32)}
-# Config fields that do not change what the frozen part computes (the heads trained, and the
-# layer count, which moves with n_future; n_trunk is fingerprinted instead).
-_HEAD_FIELDS = ("n_future", "head_type", "n_layers")
+# Config fields that do not change what the frozen part computes (the heads trained, their draft
+# vocabulary, and the layer count, which moves with n_future; n_trunk is fingerprinted instead).
+_HEAD_FIELDS = ("n_future", "head_type", "n_layers", "draft_vocab")
 
 
 def frozen_modules(model: MTPModel) -> dict[str, torch.nn.Module]:

@@ -665,6 +665,13 @@ class TokenData:
         start = i * seq_len
         return np.asarray(self.tokens[start : start + seq_len + extra])
 
+    def most_frequent(self, k: int) -> np.ndarray:
+        """The ids of the k most frequent tokens of this split (fewer if fewer occur), ties by
+        id: a draft vocabulary (`MTPModel.set_draft_vocab`)."""
+        counts = np.bincount(np.asarray(self.tokens), minlength=self.vocab_size)
+        order = np.argsort(-counts, kind="stable")
+        return np.sort(order[: min(k, int((counts > 0).sum()))])
+
     def _require_windows(self, seq_len: int, extra: int) -> int:
         n = self.num_windows(seq_len, extra)
         if n < 1:

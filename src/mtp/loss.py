@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -83,14 +83,17 @@ def mtp_loss(logits: Tensor, tokens: Tensor, weights: Sequence[float] | None = N
 
 
 def chunked_ce_backward(model: MTPModel, hidden: Tensor, targets: Tensor, scale: float,
-                        chunk_size: int | None, final: bool = False) -> tuple[Tensor, Tensor]:
+                        chunk_size: int | None, final: bool = False,
+                        unembed: Callable[[Tensor], Tensor] | None = None) -> tuple[Tensor, Tensor]:
     """Mean cross-entropy of one head from its hidden states, backpropagated chunk by chunk.
 
     `hidden` (N, d) must be a leaf that requires grad: its .grad receives d(scale * loss)/d hidden,
     and the shared norm/unembedding receive their gradients. At most `chunk_size` rows of logits
     exist at a time (all rows when None). Returns (loss, number of counted targets), detached.
     `final`: no later call uses the unembedding in this micro-batch; a data-parallel model
-    (mtp.distributed.ParallelMTP) then syncs the unembedding's gradients in the last chunk."""
+    (mtp.distributed.ParallelMTP) then syncs the unembedding's gradients in the last chunk.
+    `unembed`: hidden -> logits (default `model.unembed`; draft heads: `model.draft_logits`)."""
+    unembed = unembed or model.unembed
     N = hidden.shape[0]
     count = int((targets != IGNORE).sum())
     total = torch.zeros((), device=hidden.device)
@@ -105,7 +108,7 @@ def chunked_ce_backward(model: MTPModel, hidden: Tensor, targets: Tensor, scale:
         with final_hook() if last else nullcontext():
             # No Python name for the logits: autograd saves only the log-softmax output, so the
             # logits are freed before backward (3 logits-sized buffers at the peak instead of 4).
-            ce = F.cross_entropy(_upcast(model.unembed(h)), t, ignore_index=IGNORE, reduction="sum")
+            ce = F.cross_entropy(_upcast(unembed(h)), t, ignore_index=IGNORE, reduction="sum")
             if ce.requires_grad:  # False when this head and its input are frozen (finetuning)
                 (ce * (scale / count)).backward()
         total += ce.detach()
@@ -174,15 +177,17 @@ def shifted_teacher(ids: Tensor, probs: Tensor, i: int) -> tuple[Tensor, Tensor]
 
 
 def chunked_kl_backward(model: MTPModel, hidden: Tensor, ids: Tensor, probs: Tensor, scale: float,
-                        chunk_size: int | None, final: bool = False) -> tuple[Tensor, Tensor]:
+                        chunk_size: int | None, final: bool = False,
+                        unembed: Callable[[Tensor], Tensor] | None = None) -> tuple[Tensor, Tensor]:
     """Mean KL(teacher || head) of one head from its hidden states, backpropagated chunk by chunk.
 
     The teacher at row r puts probability probs[r, j] on token ids[r, j] (N, k), renormalised
     top-k, and nothing elsewhere; rows whose probs are all zero have no target. The gradient is
     that of the cross-entropy -sum_j p_j log q(ids_j), which differs from the KL only by the
     teacher's entropy, a constant; the KL is what is returned (0 when the head matches the
-    teacher), with the number of rows counted. `hidden`, `chunk_size`, `scale` and `final` as in
-    `chunked_ce_backward`: at most `chunk_size` rows of logits exist at a time."""
+    teacher), with the number of rows counted. `hidden`, `chunk_size`, `scale`, `final` and
+    `unembed` as in `chunked_ce_backward`: at most `chunk_size` rows of logits exist at a time."""
+    unembed = unembed or model.unembed
     N = hidden.shape[0]
     counted = probs.sum(-1) > 0
     count = int(counted.sum())
@@ -197,7 +202,7 @@ def chunked_kl_backward(model: MTPModel, hidden: Tensor, ids: Tensor, probs: Ten
         p = probs[start : start + step]
         last = final_hook is not None and start + step >= N
         with final_hook() if last else nullcontext():
-            logq = _upcast(model.unembed(h)).log_softmax(-1)
+            logq = _upcast(unembed(h)).log_softmax(-1)
             ce = -(p.to(logq.dtype) * logq.gather(-1, ids[start : start + step])).sum()
             del logq
             if ce.requires_grad:
@@ -205,6 +210,30 @@ def chunked_kl_backward(model: MTPModel, hidden: Tensor, ids: Tensor, probs: Ten
         total += ce.detach()
         del ce
     return ((total.double() + neg_entropy) / count).to(total.dtype), torch.tensor(count)
+
+
+def draft_index(draft_ids: Tensor, vocab_size: int) -> Tensor:
+    """(V,) the position of each token in the draft vocabulary `draft_ids` (K,), -1 outside it."""
+    index = torch.full((vocab_size,), -1, dtype=torch.long, device=draft_ids.device)
+    index[draft_ids] = torch.arange(len(draft_ids), device=draft_ids.device)
+    return index
+
+
+def to_draft_targets(targets: Tensor, index: Tensor) -> Tensor:
+    """Token targets as positions in the draft vocabulary (`draft_index`); a target outside it
+    becomes IGNORE: a draft head cannot propose it, so it learns the distribution within it."""
+    valid = targets != IGNORE
+    out = torch.full_like(targets, IGNORE)
+    out[valid] = index[targets[valid]]
+    return out.masked_fill(out < 0, IGNORE)
+
+
+def to_draft_teacher(ids: Tensor, probs: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
+    """A top-k teacher (ids, renormalised probs) restricted to the draft vocabulary and
+    renormalised again; rows with no mass inside it have no target (all zero)."""
+    pos = index[ids]
+    p = probs * (pos >= 0)
+    return pos.clamp(min=0), p / p.sum(-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
 
 
 @dataclass
@@ -252,7 +281,11 @@ def mtp_backward(model: MTPModel, tokens: Tensor, weights: Sequence[float] | Non
     distribution cut to its `distill_topk` likeliest tokens; their per-head loss is that KL).
     `base`: the frozen base's outputs for `tokens`, precomputed (`BaseOutputs`); then neither the
     trunk nor head 1 runs, head 1's loss is read from `base.nll`, and trunk, head 1, norm and
-    unembedding must be frozen."""
+    unembedding must be frozen.
+    A model with a draft vocabulary (`model.draft_ids`, cfg.draft_vocab > 0) scores heads 2..n
+    over those K tokens only (`model.draft_logits`, a slice of the unembedding): targets outside
+    them are ignored, a teacher is restricted to them and renormalised (`to_draft_targets`,
+    `to_draft_teacher`); head 1 keeps the full vocabulary."""
     mode = "self" if self_distill else targets
     if mode not in TARGETS:
         raise ValueError(f"targets must be one of {', '.join(TARGETS)}, got {mode!r}")
@@ -289,6 +322,8 @@ def mtp_backward(model: MTPModel, tokens: Tensor, weights: Sequence[float] | Non
             per_head[0] = base.nll.float()[valid].mean()
     final_head = next((i for i in reversed(ce_order) if has_targets[i]), -1)
     teacher: tuple[Tensor, Tensor] | None = None  # head 1's top-k (ids, probs), for "distill"
+    draft_ids = getattr(model, "draft_ids", None)
+    index = None if draft_ids is None else draft_index(draft_ids, model.cfg.vocab_size)
 
     def learn_from_head1(h1: Tensor | None) -> None:
         """Targets of heads 2..n from head 1's output (or the cached top-k when h1 is None)."""
@@ -308,15 +343,20 @@ def mtp_backward(model: MTPModel, tokens: Tensor, weights: Sequence[float] | Non
     def head_loss(i: int, out: Tensor) -> Tensor:
         """Loss of head i on `out`; returns d loss / d out (gradient flowing into this head)."""
         out_leaf = out.detach().requires_grad_(out.requires_grad)
+        draft = index is not None and i > 0
+        unembed = model.draft_logits if draft else None
         if mode == "distill" and i > 0:
             assert teacher is not None
             ids, probs = shifted_teacher(*teacher, i)
+            if draft:
+                ids, probs = to_draft_teacher(ids, probs, index)
             loss, _ = chunked_kl_backward(model, out_leaf.view(B * T, -1), ids.view(B * T, -1),
                                           probs.view(B * T, -1), loss_scale * w[i], chunk_size,
-                                          final=i == final_head)
+                                          final=i == final_head, unembed=unembed)
         else:
-            loss, _ = chunked_ce_backward(model, out_leaf.view(B * T, -1), targets_t[:, :, i].reshape(-1),
-                                          loss_scale * w[i], chunk_size, final=i == final_head)
+            t = targets_t[:, :, i] if not draft else to_draft_targets(targets_t[:, :, i], index)
+            loss, _ = chunked_ce_backward(model, out_leaf.view(B * T, -1), t.reshape(-1),
+                                          loss_scale * w[i], chunk_size, final=i == final_head, unembed=unembed)
         per_head[i] = loss
         return out_leaf.grad if out_leaf.grad is not None else torch.zeros_like(out)
 

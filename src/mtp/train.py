@@ -51,6 +51,9 @@ class TrainConfig:
     head_type: str = opt("parallel", "how heads are stacked on the trunk", HEAD_TYPES, group="model")
     model: dict[str, Any] = opt(help="ModelConfig override, repeatable (e.g. --model dim=96)", default_factory=dict,
                                 group="model")
+    draft_vocab: int = opt(0, "heads 2..n score only this many tokens, the most frequent in the training split "
+                              "(a slice of the unembedding; head 1 scores all); 0: keep the model's (none for a "
+                              "new model)", group="model")
     # What is optimized and how: the loss over heads, AdamW and the learning-rate schedule.
     head_weights: list[float] | None = opt(None, "loss weight per head, one number per head; none: unweighted sum",
                                            group="optimizer")
@@ -124,6 +127,8 @@ class TrainConfig:
         self.model = check_mapping(self.model, ModelConfig, "model.")
         if self.targets != "data" and self.head_type == "anticausal":
             raise ConfigError(f"targets={self.targets} needs head 1 to read the trunk output; anticausal heads do not")
+        if self.draft_vocab < 0:
+            raise ConfigError(f"draft_vocab must be >= 0, got {self.draft_vocab}")
         if self.distill_topk < 1:
             raise ConfigError(f"distill_topk must be >= 1, got {self.distill_topk}")
         if self.base_cache is not None and self.base_cache.lower() in ("none", "null", "off", ""):
@@ -248,12 +253,21 @@ def evaluate(model: MTPModel | distributed.ParallelMTP, data: TokenData, batch_s
     `agree`: how often head i's argmax at t equals head 1's argmax at t+i-1, i.e. the rate at which
     head i's draft would pass greedy verification on this text (1.0 for head 1).
 
+    With a draft vocabulary (`draft_ids`), heads 2..n choose among those tokens only (as when
+    drafting): their argmax is taken there, and their loss is the cross-entropy within it, over
+    the targets inside it (as trained); their accuracy still counts every target.
+
     With `dist` (several processes) each batch holds batch_size windows per rank and every rank
     evaluates its slice; the sums are added over ranks, so the result is that of one process
     with batch_size x world_size, on every rank."""
     n = model.cfg.n_future
     world, rank = (dist.world_size, dist.rank) if dist is not None else (1, 0)
-    sums = torch.zeros(5, n, dtype=torch.float64)  # loss, correct, count, agree, agree count
+    sums = torch.zeros(6, n, dtype=torch.float64)  # loss, correct, count, agree, agree count, loss count
+    draft_ids = getattr(model, "draft_ids", None)
+    in_draft = None
+    if draft_ids is not None:
+        in_draft = torch.zeros(model.cfg.vocab_size, dtype=torch.bool, device=device)
+        in_draft[draft_ids.to(device)] = True
     was_training = model.training
     model.eval()
     for tokens in validation_batches(data, batch_size * world, seq_len, n, max_batches):
@@ -266,14 +280,21 @@ def evaluate(model: MTPModel | distributed.ParallelMTP, data: TokenData, batch_s
             logits = model(part[:, :seq_len])
         if not counted:
             continue
+        if in_draft is not None and n > 1:  # draft heads: nothing outside the draft vocabulary
+            logits = logits.float()
+            logits[:, :, 1:] = logits[:, :, 1:].masked_fill(~in_draft, float("-inf"))
         greedy = logits.argmax(-1)  # (B, T, n)
         for i in range(n):
             lg = logits[:, :, i].reshape(-1, logits.shape[-1]).float()
             tg = targets[:, :, i].reshape(-1)
             valid = tg != IGNORE
-            sums[0, i] += F.cross_entropy(lg, tg, ignore_index=IGNORE, reduction="sum").double().cpu()
+            scored = tg
+            if in_draft is not None and i > 0:  # the loss within the draft vocabulary, as trained
+                scored = tg.masked_fill(valid & ~in_draft[tg.clamp(min=0)], IGNORE)
+            sums[0, i] += F.cross_entropy(lg, scored, ignore_index=IGNORE, reduction="sum").double().cpu()
             sums[1, i] += ((greedy[:, :, i].reshape(-1) == tg) & valid).sum().double().cpu()
             sums[2, i] += valid.sum().double().cpu()
+            sums[5, i] += (scored != IGNORE).sum().double().cpu()
             same = greedy[:, : seq_len - i, i] == greedy[:, i:, 0]
             sums[3, i] += same.sum().double().cpu()
             sums[4, i] += same.numel()
@@ -281,7 +302,7 @@ def evaluate(model: MTPModel | distributed.ParallelMTP, data: TokenData, batch_s
     if dist is not None:
         sums = distributed.sum_over_ranks(sums, dist)
     loss_sum, correct, count = sums[0], sums[1], sums[2].clamp(min=1)
-    return {"loss": (loss_sum / count).tolist(), "acc": (correct / count).tolist(),
+    return {"loss": (loss_sum / sums[5].clamp(min=1)).tolist(), "acc": (correct / count).tolist(),
             "agree": (sums[3] / sums[4].clamp(min=1)).tolist()}
 
 
@@ -412,6 +433,10 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo, stop_after: int | None,
     val_data: TokenData | None = TokenData(cfg.data, "val")
     tokenizer = Tokenizer.load(cfg.data)
     model = init_model(cfg, tokenizer.vocab_size).to(device)
+    if cfg.draft_vocab:
+        model.set_draft_vocab(train_data.most_frequent(min(cfg.draft_vocab, model.cfg.vocab_size)))
+    if model.cfg.draft_vocab and dist.is_distributed:
+        raise ConfigError("a model with a draft vocabulary trains in one process (not under torchrun)")
     mcfg = model.cfg
     if cfg.seq_len > mcfg.max_seq_len:
         raise ConfigError(f"seq_len={cfg.seq_len} exceeds the model's max_seq_len={mcfg.max_seq_len}")
