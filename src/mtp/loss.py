@@ -149,13 +149,14 @@ def head1_outputs(model: MTPModel, h: Tensor, k: int, chunk_size: int | None,
     step = flat.shape[0] if chunk_size is None else max(1, chunk_size)
     ids, probs, nll = [], [], []
     for s in range(0, flat.shape[0], step):
-        logp = _upcast(model.unembed(flat[s : s + step])).log_softmax(-1)
-        top, idx = logp.topk(min(k, logp.shape[-1]), dim=-1)
+        logits = _upcast(model.unembed(flat[s : s + step]))
+        lse = logits.logsumexp(-1, keepdim=True)
+        top, idx = logits.topk(min(k, logits.shape[-1]), dim=-1)  # ranked by logit: ids[..., 0] is the argmax
         ids.append(idx)
-        probs.append(top.exp())
+        probs.append((top - lse).exp())
         if nxt is not None:
             t = nxt[s : s + step]
-            picked = -logp.gather(-1, t.clamp(min=0)[:, None])[:, 0]
+            picked = (lse - logits.gather(-1, t.clamp(min=0)[:, None]))[:, 0]
             nll.append(picked.masked_fill(t == IGNORE, 0.0))
     shape = (B, T, ids[0].shape[-1])
     return (torch.cat(ids).view(shape), torch.cat(probs).view(shape),
@@ -333,11 +334,14 @@ def mtp_backward(model: MTPModel, tokens: Tensor, weights: Sequence[float] | Non
         if h1 is None:
             assert base is not None and base.topk_ids is not None and base.topk_probs is not None
             ids, probs = base.topk_ids.long(), base.topk_probs
+        elif mode == "self":
+            ids, probs = greedy_labels(model, h1.detach(), chunk_size)[..., None], None
         else:
-            ids, probs, _ = head1_outputs(model, h1.detach(), 1 if mode == "self" else distill_topk, chunk_size)
+            ids, probs, _ = head1_outputs(model, h1.detach(), distill_topk, chunk_size)
         if mode == "self":
             targets_t = self_distill_targets(targets_t, ids[..., 0])
         else:
+            assert probs is not None
             teacher = (ids[..., :distill_topk], probs[..., :distill_topk])
 
     def head_loss(i: int, out: Tensor) -> Tensor:
