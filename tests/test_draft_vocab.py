@@ -136,3 +136,27 @@ def test_finetune_with_a_draft_vocabulary(corpus, tiny_run, tmp_path):
     assert ev["agree"][1] == pytest.approx(float((draft[:, :31] == logits[:, 1:, 0].argmax(-1)).double().mean()))
     model.set_draft_vocab(None)  # head 1 is unaffected by the draft vocabulary
     assert evaluate(model, val, 2, 32, 1, torch.device("cpu"))["loss"][0] == pytest.approx(ev["loss"][0])
+
+
+@pytest.mark.parametrize("head_type", ["parallel", "sequential"])
+def test_decoding_drafts_only_draft_tokens_and_equals_greedy(head_type, monkeypatch):
+    # Drafts come from the draft vocabulary (every draft a verify pass sees is in it), and the
+    # output is greedy's: head 1 verifies over the full vocabulary.
+    from mtp import generate, speculative_generate
+    from mtp import speculative as spec
+
+    model = tiny_model(0, n_future=4, head_type=head_type, init_std=0.2)
+    model.set_draft_vocab(list(range(0, 512, 3)))
+    seen = []
+    verify = spec.verify_forward
+
+    def recording(model, tree, tables, block, nodes):
+        seen.append(nodes[:, 1:].flatten())
+        return verify(model, tree, tables, block, nodes)
+
+    monkeypatch.setattr(spec, "verify_forward", recording)
+    g = torch.Generator().manual_seed(4)
+    ps = [torch.randint(0, 512, (int(n),), generator=g).tolist() for n in (5, 17, 30)]
+    assert speculative_generate(model, ps, 24, k=3, batch_size=2).tokens == generate(model, ps, 24).tokens
+    drafts = torch.cat(seen)
+    assert len(drafts) > 30 and bool((drafts % 3 == 0).all())

@@ -61,6 +61,9 @@ class StubModel(nn.Module):
     def unembed(self, h: Tensor) -> Tensor:
         return h
 
+    draft_ids = None  # no reduced draft vocabulary
+    draft_unembed = unembed
+
     def setup_cache(self, max_batch: int, max_len: int, dtype=None) -> None:
         self.cache_batch, self.cache_len = max_batch, max_len
 

@@ -355,7 +355,7 @@ class SequentialDrafter:
             h = model.run_head(j, x, model.rope(pos), ctx, emb=emb)
             if j < self.depth:
                 self.hidden[j, index[:, None], slots] = h
-            logits = model.unembed(h[arange_r, last - first])  # (R, V) at each row's last position
+            logits = model.draft_unembed(h[arange_r, last - first])  # (R, V) at each row's last position
             out.append(logits)
             seq[arange_r, n_known + j] = logits.argmax(-1)  # draft j: x_{last+1+j}
         return torch.stack(out, dim=1)
@@ -419,7 +419,12 @@ class Decoder:
         prompt's last token (head 1, then the drafts)."""
         if self.sequential is not None:
             return self.sequential.prefill(rows)
-        return prefill_rows(self.model, self.state, rows, heads=self.heads)
+        logits = prefill_rows(self.model, self.state, rows, heads=self.heads)
+        ids = self.model.draft_ids
+        if ids is not None and logits.shape[1] > 1:  # drafts only from the draft vocabulary
+            outside = torch.ones(logits.shape[-1], dtype=torch.bool, device=logits.device).index_fill_(0, ids, False)
+            logits[:, 1:, outside] = float("-inf")
+        return logits
 
     def propose(self, head_drafts: Tensor | None) -> Tensor:
         """Draft tokens (B, k) of a chain: the heads' (drafter "heads"); prompt lookup's where the
@@ -520,7 +525,7 @@ def greedy_step(dec: Decoder, pending: Tensor, draft_logits: Tensor) -> tuple[Te
     if dec.sequential is not None:
         return bonus, dec.sequential.after_verify(block, hidden, accepted, bonus)
     drafts = draft_hidden(dec, block, z, hidden, best, accepted)
-    return bonus, dec.model.unembed(drafts)
+    return bonus, dec.model.draft_unembed(drafts)
 
 
 def pick_greedy(logits: Tensor) -> tuple[Tensor, Tensor]:
@@ -638,7 +643,7 @@ def sampling_step(dec: Decoder, sampling: Sampling, pending: Tensor, q: Tensor,
         # q_j is still fixed before draft j is drawn, which is all the rejection rule needs.
         return final, sampling.probs(dec.sequential.after_verify(block, hidden, accepted, final))
     drafts = draft_hidden(dec, block, z, hidden, accepted, accepted)
-    return final, sampling.probs(dec.model.unembed(drafts))
+    return final, sampling.probs(dec.model.draft_unembed(drafts))
 
 
 @torch.no_grad()
