@@ -257,3 +257,16 @@ def test_vllm_eagle_draft_reproduces_head_2(exported):
         scale = torch.rsqrt(h2.pow(2).mean(-1, keepdim=True) + model.cfg.norm_eps)
         torch.testing.assert_close(logits * scale, ours[: T - 1, 1], rtol=ATOL, atol=ATOL)
         assert torch.equal(logits.argmax(-1), ours[: T - 1, 1].argmax(-1))
+
+
+def test_a_draft_vocabulary_is_not_written(tmp_path):
+    # Neither engine restricts these drafts to a subset of the vocabulary: head 2 scores every token.
+    model = serving_model()
+    model.set_draft_vocab(range(0, 512, 2))
+    for export in (export_hf_mtp, export_vllm_eagle):
+        out = export(model, None, tmp_path / export.__name__)
+        files = [out / "model.safetensors"] + ([out / EAGLE_DRAFT / "model.safetensors"]
+                                              if export is export_vllm_eagle else [])
+        assert all("draft_ids" not in load_file(str(f)) for f in files)
+    load_hf(tmp_path / "export_vllm_eagle")  # the target loads without an unexpected tensor
+

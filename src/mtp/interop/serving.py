@@ -41,6 +41,7 @@ GLM_LAYER_COUNTS = (46, 92)
 GLM_ROUTED_EXPERTS = 2
 GLM_EXPERT_WIDTH = 16
 EAGLE_DRAFT = "eagle-draft"  # the draft's subdirectory of a vllm-eagle export
+DRAFT_IDS = "draft_ids"  # MTPModel's draft-vocabulary buffer
 
 
 def _check_sequential(model: MTPModel, fmt: str) -> None:
@@ -54,7 +55,9 @@ def _check_sequential(model: MTPModel, fmt: str) -> None:
 
 
 def _state(model: MTPModel) -> dict[str, Tensor]:
-    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    # A draft vocabulary (draft_ids) is not carried: neither engine restricts an EAGLE-1 / MTP
+    # draft to a subset of the vocabulary, so the exported head 2 scores every token.
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k != DRAFT_IDS}
 
 
 def _block(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
@@ -90,6 +93,7 @@ def export_hf_mtp(model: MTPModel, tokenizer: Any | None, directory: str | Path)
       shared experts of width 16) and two zero routed experts of width 16 add exactly 0.
     - RoPE: the MTP layer sees positions t+1 (of the token it reads) where ours uses t: the same
       attention (RoPE depends on differences only), rounded differently.
+    - A draft vocabulary (cfg.draft_vocab) is not carried: the MTP layer scores every token.
     - One MTP layer: heads 3..n are not written. transformers' MTP chain would also differ from
       ours there: it feeds the next MTP layer the post_norm output (the normed hidden state it
       unembeds), ours feeds head i the output of head i-1 before the norm.
@@ -185,6 +189,8 @@ def export_vllm_eagle(model: MTPModel, tokenizer: Any | None, directory: str | P
     - Depth >= 2: EAGLE runs the same module again on its own output h2 (not normed) and the
       token it drafted; ours runs head 3 on hnorm_3(h2). Heads 3..n are not written.
     - RoPE, attention and the MLP are Llama's; q/k/v biases (attn_bias) are refused.
+    - A draft vocabulary (cfg.draft_vocab) is not carried: the draft scores every token (EAGLE-1
+      has no draft vocabulary; EAGLE-3's d2t would need its other layout).
 
     EAGLE-3 (`Eagle3LlamaForCausalLM`, `norm_before_fc`) has the norms (input_layernorm on e,
     input_norm / hidden_norm on the hidden state) and a final norm, but its first layer feeds
@@ -207,7 +213,7 @@ def export_vllm_eagle(model: MTPModel, tokenizer: Any | None, directory: str | P
 
     # Target: the final norm's weight folded into lm_head (the same logits, rounded differently).
     target_path = directory / "model.safetensors"
-    target = load_file(str(target_path))
+    target = {k: v for k, v in load_file(str(target_path)).items() if k != DRAFT_IDS}
     target["model.norm.weight"] = torch.ones_like(target["model.norm.weight"])
     target["lm_head.weight"] = (state["output.weight"].float() * n).to(dtype)
     save_file(target, str(target_path), metadata={"format": "pt"})
