@@ -340,7 +340,7 @@ def test_training_flags_are_listed_by_concern():
     assert text.index("\noptimizer options:") < lr < text.index("\ndata options:")
 
 
-@pytest.mark.parametrize("command", ["eval", "generate", "eval-code", "prepare", "import", "export"])
+@pytest.mark.parametrize("command", ["eval", "generate", "eval-code", "prepare", "self-data", "import", "export"])
 def test_every_option_of_the_other_commands_has_help(command):
     for flag, text in _help_lines(command).items():
         assert text.strip(), f"{command} {flag}"

@@ -123,6 +123,23 @@ def cmd_prepare(args: argparse.Namespace) -> None:
           f"{meta['tokenizer']} tokenizer with {meta['vocab_size']} tokens")
 
 
+def cmd_self_data(args: argparse.Namespace) -> None:
+    from .checkpoint import load_model
+    from .distributed import pick_device
+    from .self_data import write_self_data
+
+    device = pick_device(args.device)
+    model, _ = load_model(args.base, device=device)
+    model = _to_dtype(model, args.dtype)
+    meta = write_self_data(model, args.data, args.out, prompts=args.prompts, prompt_len=args.prompt_len,
+                           new_tokens=args.new_tokens, batch_size=args.batch_size, seed=args.seed,
+                           keep_corpus=args.keep_corpus, base=str(args.base), progress=not args.no_progress,
+                           force=args.force)
+    info = meta["self_data"]
+    print(f"wrote {args.out}: {info['prompts']} prompts continued by {args.base} ({info['generated_tokens']:,} "
+          f"generated tokens, {meta['n_train_tokens']:,} train tokens in all); train on it with --data {args.out}")
+
+
 def cmd_train(args: argparse.Namespace, defaults: dict[str, Any] | None = None) -> None:
     from .train import train
 
@@ -439,7 +456,10 @@ def cmd_export(args: argparse.Namespace) -> None:
     from .checkpoint import load_model
     from .fsutil import HF_MODEL, META_MODEL, atomic_dir, check_target
     from .interop import export_hf, save_meta
+    from .interop.serving import EAGLE_DRAFT, export_hf_mtp, export_vllm_eagle
 
+    if args.all_heads and args.format != "hf":
+        raise ValueError(f"--all-heads applies to --format hf only, not --format {args.format}")
     out = Path(args.out)
     check_target(out, (META_MODEL,) if args.format == "meta" else (HF_MODEL,), args.force)
     model, tok = load_model(args.checkpoint)
@@ -447,10 +467,23 @@ def cmd_export(args: argparse.Namespace) -> None:
     with atomic_dir(out, commit_file="params.json" if args.format == "meta" else "config.json") as tmp:
         if args.format == "meta":
             save_meta(model, tmp, tok)
+        elif args.format == "hf-mtp":
+            export_hf_mtp(model, tok, tmp)
+        elif args.format == "vllm-eagle":
+            export_vllm_eagle(model, tok, tmp)
         else:
             export_hf(model, tok, tmp, all_heads=args.all_heads)
+    n = model.cfg.n_future
+    later = "head 3" if n == 3 else f"heads 3..{n}"
+    skipped = f"; {later} not exported (these formats carry one draft module)" if n > 2 else ""
     if args.format == "meta":
         print(f"exported all {model.cfg.n_future} heads in the Meta format -> {out}")
+    elif args.format == "hf-mtp":
+        print(f"exported trunk + head 1 with head 2 as its MTP layer (GLM-4-MoE, transformers "
+              f"generate(use_mtp=True)){skipped} -> {out}")
+    elif args.format == "vllm-eagle":
+        print(f"exported trunk + head 1 as a Hugging Face Llama model -> {out}, head 2 as a vLLM EAGLE draft "
+              f"-> {out / EAGLE_DRAFT}{skipped}")
     else:
         heads = f"all {model.cfg.n_future} heads" if args.all_heads else "trunk + head 1"
         print(f"exported {heads} as a Hugging Face model -> {out}")
@@ -484,6 +517,26 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--force", action="store_true",
                     help="write into --out even if it holds something other than a prepared dataset")
     pp.set_defaults(func=cmd_prepare)
+
+    psd = sub.add_parser("self-data", help="a dataset of the base's own greedy continuations of corpus prompts "
+                                           "(to finetune draft heads on)")
+    psd.add_argument("base", help="checkpoint or run directory whose continuations are written")
+    psd.add_argument("--data", required=True, help="prepared corpus (same tokenizer) to take prompts from")
+    psd.add_argument("--out", required=True, help="dataset directory to write (the `mtp prepare` format)")
+    psd.add_argument("--prompts", type=int, default=256, help="prompts continued (default: 256)")
+    psd.add_argument("--prompt-len", type=int, default=64,
+                     help="tokens per prompt at most, from random places in the train split (default: 64)")
+    psd.add_argument("--new-tokens", type=int, default=128,
+                     help="tokens generated per prompt at most; a continuation ends at end-of-text (default: 128)")
+    psd.add_argument("--batch-size", type=int, default=16, help="rows decoded at once (default: 16)")
+    psd.add_argument("--seed", type=int, default=0, help="seed of the prompt positions (default: 0)")
+    psd.add_argument("--keep-corpus", action="store_true",
+                     help="append the corpus's own train text after the continuations")
+    psd.add_argument("--device", default="auto", help=DEVICE_HELP)
+    psd.add_argument("--dtype", default="auto", choices=DTYPES, help=DTYPE_HELP)
+    psd.add_argument("--no-progress", action="store_true", help="no progress bar")
+    psd.add_argument("--force", action="store_true", help="write into --out even if it holds something else")
+    psd.set_defaults(func=cmd_self_data)
 
     pt = sub.add_parser("train", help="train a multi-token prediction model")
     pt.add_argument("--config", help="YAML file of TrainConfig fields (flags override it)")
@@ -608,7 +661,11 @@ def build_parser() -> argparse.ArgumentParser:
     px = sub.add_parser("export", help="write an mtp checkpoint as a Hugging Face (or Meta) model")
     px.add_argument("checkpoint", help="checkpoint or run directory")
     px.add_argument("--out", required=True, help="directory to write")
-    px.add_argument("--format", choices=["hf", "meta"], default="hf", help="output format (default: hf)")
+    px.add_argument("--format", choices=["hf", "meta", "hf-mtp", "vllm-eagle"], default="hf",
+                    help="hf: trunk + head 1 as a Llama (Qwen2) model; meta: Meta's format, all heads; "
+                         "hf-mtp: sequential head 2 as the MTP layer of a GLM-4-MoE model (transformers "
+                         "generate(use_mtp=True)); vllm-eagle: a Llama target plus head 2 as a vLLM EAGLE "
+                         "draft in OUT/eagle-draft (default: hf)")
     px.add_argument("--force", action="store_true", help="write into --out even if it holds something else")
     px.add_argument("--all-heads", action="store_true",
                     help="hf: also save heads 2..n (mtp_heads.safetensors) so `mtp import` restores them")
