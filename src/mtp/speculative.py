@@ -351,8 +351,7 @@ class SequentialDrafter:
             x = self.hidden[j - 1, index[:, None], slots]
             ahead = seq.gather(1, (pos + j - start[:, None] - 1).clamp(0, width - 1))  # x_{t+j}
             emb = F.embedding(ahead, model.tok_embeddings.weight)
-            ctx = model.cache_context(ahead, pos, slots, None, cache_rows)
-            h = model.run_head(j, x, model.rope(pos), ctx, emb=emb)
+            h = model.cached_head(j, x, emb, pos, slots, cache_rows)
             if j < self.depth:
                 self.hidden[j, index[:, None], slots] = h
             logits = model.draft_unembed(h[arange_r, last - first])  # (R, V) at each row's last position
