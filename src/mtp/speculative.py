@@ -328,6 +328,8 @@ class SequentialDrafter:
         return self.draft(range(self.state.batch), block.base, block.base + accepted, pending)
 
     def draft(self, rows: Sequence[int], start: Tensor, last: Tensor, pending: Tensor) -> Tensor:
+        """Draft logits (R, depth, V) of `rows` whose head-1 states are new at start..last (R,)
+        and whose pending token (R,) sits at last + 1; runs heads 2..depth+1 one after another."""
         model, device = self.model, self.hidden.device
         R = len(rows)
         index = torch.tensor(list(rows), device=device)
