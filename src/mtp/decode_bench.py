@@ -92,7 +92,7 @@ def time_mode(model: MTPModel, mode: DecodeMode, prompts: list[list[int]], max_n
 
 def decode_benchmark(model: MTPModel, prompts: list[list[int]], max_new_tokens: int,
                      modes: Sequence[str | DecodeMode], batch_size: int = 1, *, repeats: int = 1,
-                     warmup_tokens: int = 8) -> list[dict[str, Any]]:
+                     warmup_tokens: int | None = None) -> list[dict[str, Any]]:
     """Decode the same prompts with plain greedy and each mode (a DecodeMode or its `parse_mode`
     spelling), `batch_size` rows at a time with continuous batching; one row per mode (greedy
     first): mode, batch, tokens, seconds, tokens_per_s, tokens_per_forward, speedup (vs greedy
@@ -100,14 +100,17 @@ def decode_benchmark(model: MTPModel, prompts: list[list[int]], max_new_tokens: 
     matches_greedy, and the speedup taken apart: speedup = fewer_steps / step_cost, where
     fewer_steps is greedy's batch passes over this mode's, step_cost the time of one pass relative
     to a greedy pass, and step_flops its FLOPs relative to a greedy pass (what a pass costs where
-    compute is the limit). Every mode is warmed up first; timings are the best of `repeats`,
-    modes interleaved."""
+    compute is the limit). Every mode is warmed up first on the first batch of prompts, for
+    `warmup_tokens` (default: max_new_tokens, so that no timed run meets a shape, e.g. a key
+    length, for the first time: measured, a greedy run timed right after an 8-token warm-up took
+    1.5x as long as one after a full warm-up); timings are the best of `repeats`, modes interleaved."""
     asked = [m if isinstance(m, DecodeMode) else parse_mode(m) for m in modes]
     plan = list(dict.fromkeys([DecodeMode()] + asked))  # greedy first, each mode once
     for mode in plan:
         mode.check(model)  # fail before timing anything
     for mode in plan:
-        mode.run(model, prompts[:batch_size], min(warmup_tokens, max_new_tokens), batch_size=batch_size)
+        warm = max_new_tokens if warmup_tokens is None else min(warmup_tokens, max_new_tokens)
+        mode.run(model, prompts[:batch_size], warm, batch_size=batch_size)
     runs: dict[DecodeMode, ModeRun] = {}
     for _ in range(max(1, repeats)):
         for mode in plan:
