@@ -82,6 +82,30 @@ def mtp_loss(logits: Tensor, tokens: Tensor, weights: Sequence[float] | None = N
     return (w * per_head).sum(), per_head
 
 
+def _chunked_backward(model: MTPModel, hidden: Tensor, count: int, scale: float, chunk_size: int | None,
+                      final: bool, unembed: Callable[[Tensor], Tensor],
+                      chunk_loss: Callable[[Tensor, slice], Tensor]) -> Tensor:
+    """Sum over chunks of rows of chunk_loss(logits of the chunk, its rows), each chunk's
+    scale / count times it backpropagated at once, so at most `chunk_size` rows of logits exist;
+    returns the detached sum. `final` as in `chunked_ce_backward`."""
+    N = hidden.shape[0]
+    total = torch.zeros((), device=hidden.device)
+    step = N if chunk_size is None else max(1, chunk_size)
+    final_hook = getattr(model, "final_unembed", None) if final else None
+    for start in range(0, N, step):
+        rows = slice(start, start + step)
+        last = final_hook is not None and start + step >= N
+        with final_hook() if last else nullcontext():
+            # No Python name for the logits here: autograd saves only what the loss needs, so
+            # they are freed before backward (3 logits-sized buffers at the peak instead of 4).
+            loss = chunk_loss(_upcast(unembed(hidden[rows])), rows)
+            if loss.requires_grad:  # False when this head and its input are frozen (finetuning)
+                (loss * (scale / count)).backward()
+        total += loss.detach()
+        del loss
+    return total
+
+
 def chunked_ce_backward(model: MTPModel, hidden: Tensor, targets: Tensor, scale: float,
                         chunk_size: int | None, final: bool = False,
                         unembed: Callable[[Tensor], Tensor] | None = None) -> tuple[Tensor, Tensor]:
@@ -93,26 +117,12 @@ def chunked_ce_backward(model: MTPModel, hidden: Tensor, targets: Tensor, scale:
     `final`: no later call uses the unembedding in this micro-batch; a data-parallel model
     (mtp.distributed.ParallelMTP) then syncs the unembedding's gradients in the last chunk.
     `unembed`: hidden -> logits (default `model.unembed`; draft heads: `model.draft_logits`)."""
-    unembed = unembed or model.unembed
-    N = hidden.shape[0]
     count = int((targets != IGNORE).sum())
-    total = torch.zeros((), device=hidden.device)
     if count == 0:
-        return total, torch.tensor(0)
-    step = N if chunk_size is None else max(1, chunk_size)
-    final_hook = getattr(model, "final_unembed", None) if final else None
-    for start in range(0, N, step):
-        h = hidden[start : start + step]
-        t = targets[start : start + step]
-        last = final_hook is not None and start + step >= N
-        with final_hook() if last else nullcontext():
-            # No Python name for the logits: autograd saves only the log-softmax output, so the
-            # logits are freed before backward (3 logits-sized buffers at the peak instead of 4).
-            ce = F.cross_entropy(_upcast(unembed(h)), t, ignore_index=IGNORE, reduction="sum")
-            if ce.requires_grad:  # False when this head and its input are frozen (finetuning)
-                (ce * (scale / count)).backward()
-        total += ce.detach()
-        del ce
+        return torch.zeros((), device=hidden.device), torch.tensor(0)
+    total = _chunked_backward(
+        model, hidden, count, scale, chunk_size, final, unembed or model.unembed,
+        lambda logits, rows: F.cross_entropy(logits, targets[rows], ignore_index=IGNORE, reduction="sum"))
     return total / count, torch.tensor(count)
 
 
@@ -188,28 +198,17 @@ def chunked_kl_backward(model: MTPModel, hidden: Tensor, ids: Tensor, probs: Ten
     teacher's entropy, a constant; the KL is what is returned (0 when the head matches the
     teacher), with the number of rows counted. `hidden`, `chunk_size`, `scale`, `final` and
     `unembed` as in `chunked_ce_backward`: at most `chunk_size` rows of logits exist at a time."""
-    unembed = unembed or model.unembed
-    N = hidden.shape[0]
-    counted = probs.sum(-1) > 0
-    count = int(counted.sum())
-    total = torch.zeros((), device=hidden.device)
+    count = int((probs.sum(-1) > 0).sum())
     if count == 0:
-        return total, torch.tensor(0)
+        return torch.zeros((), device=hidden.device), torch.tensor(0)
     neg_entropy = torch.xlogy(probs, probs).sum().double()  # sum of p log p over the teacher rows
-    step = N if chunk_size is None else max(1, chunk_size)
-    final_hook = getattr(model, "final_unembed", None) if final else None
-    for start in range(0, N, step):
-        h = hidden[start : start + step]
-        p = probs[start : start + step]
-        last = final_hook is not None and start + step >= N
-        with final_hook() if last else nullcontext():
-            logq = _upcast(unembed(h)).log_softmax(-1)
-            ce = -(p.to(logq.dtype) * logq.gather(-1, ids[start : start + step])).sum()
-            del logq
-            if ce.requires_grad:
-                (ce * (scale / count)).backward()
-        total += ce.detach()
-        del ce
+
+    def cross_entropy(logits: Tensor, rows: slice) -> Tensor:
+        logq = logits.log_softmax(-1)
+        return -(probs[rows].to(logq.dtype) * logq.gather(-1, ids[rows])).sum()
+
+    total = _chunked_backward(model, hidden, count, scale, chunk_size, final, unembed or model.unembed,
+                              cross_entropy)
     return ((total.double() + neg_entropy) / count).to(total.dtype), torch.tensor(count)
 
 

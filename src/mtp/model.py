@@ -213,8 +213,11 @@ def _calibrate(weight: Tensor, bias: Tensor | None) -> tuple[int, int, bool]:
     # fewest = 1 it repeats the check that set fewest.
     most = next(most for most in ROW_BLOCKS if invariant(most))
     # Several block counts (a kernel may be picked by the batch size too), each with a partial block.
-    batched = all(torch.equal(_linear_blocks(rows, weight, bias, most, fewest), _batched_blocks(rows, weight, bias, most))
-                  for blocks in (1, 2, 3, 8) for rows in [x.repeat(-(-blocks * most // len(x)) + 1, 1)[: blocks * most + 1]])
+    batched = True
+    for blocks in (1, 2, 3, 8):
+        rows = torch.randn(blocks * most + 1, weight.shape[1], generator=g).to(weight.device, weight.dtype)
+        batched = batched and torch.equal(_linear_blocks(rows, weight, bias, most, fewest),
+                                          _batched_blocks(rows, weight, bias, most))
     return most, fewest, batched
 
 
@@ -384,11 +387,9 @@ class Attention(nn.Module):
         q = q.expand(-1, -1, ctx.bias.shape[2], -1)  # sdpa_queries copies of each query
         gqa = self.n_kv_heads != self.n_heads
         out = q.new_empty(B * S, self.n_heads, self.head_dim)
-        for index, length in ctx.groups:
+        for index, own, length in ctx.groups:
             # The same ops whether a group holds every query or some (a query must not round
             # differently because another one, elsewhere in the pass, needs more keys).
-            index = torch.arange(B * S, device=q.device) if index is None else index
-            own = index // S  # each query's row
             keys = self.cache_k[rows, :length][own].transpose(1, 2).to(q.dtype)
             values = self.cache_v[rows, :length][own].transpose(1, 2).to(q.dtype)
             out[index] = F.scaled_dot_product_attention(
@@ -475,9 +476,9 @@ class CacheContext:
     # per pass for every layer, in the shape the per-query SDPA calls take:
     # (B * S, 1, sdpa_queries, cache_len), query (b, s) at row b * S + s.
     bias: Tensor
-    # Queries grouped by their number of keys (`key_length`): (query indices into B * S, or None
-    # for all of them, key length). One SDPA call per group.
-    groups: list[tuple[Tensor | None, int]] = field(default_factory=list)
+    # Queries grouped by their number of keys (`key_length`), made once per pass: (query indices
+    # into B * S, each one's input row, key length). One SDPA call per group and layer.
+    groups: list[tuple[Tensor, Tensor, int]] = field(default_factory=list)
     leading: bool = True  # rows are 0..B-1, so reads can slice the cache instead of gathering
 
 
@@ -833,8 +834,9 @@ class MTPModel(nn.Module):
         # past the cache (padding of finished rows) are capped; no real token gets there.
         lengths = key_length(input_pos).clamp(max=self.cache_len).reshape(-1)
         distinct = lengths.unique().tolist()
-        groups: list[tuple[Tensor | None, int]] = [(None, distinct[0])] if len(distinct) == 1 else [
-            ((lengths == n).nonzero().squeeze(1), n) for n in distinct]
+        every = torch.arange(B * S, device=tokens.device)
+        indices = [every] if len(distinct) == 1 else [(lengths == n).nonzero().squeeze(1) for n in distinct]
+        groups = [(index, index // S, n) for index, n in zip(indices, distinct)]
         return CacheContext(rows=rows[:, None], slots=slots, bias=bias, groups=groups, leading=leading)
 
     def cache_move(self, rows: Tensor, src: Tensor, dst: Tensor) -> None:

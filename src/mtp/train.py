@@ -181,11 +181,8 @@ def init_model(cfg: TrainConfig, vocab_size: int) -> MTPModel:
             src, prefix = i, f"heads.{i}."
         elif cfg.init_heads == "random":
             continue
-        elif new_cfg.head_type == "sequential" and old.head_type == "sequential":  # copies of the last
-            src, prefix = old.n_future - 1 if old.n_future > 1 else 0, f"heads.{i}."
-            if src == 0:
-                prefix = f"heads.{i}.block."
-                state.update(_seed_sequential_head(model, i))
+        elif new_cfg.head_type == "sequential" and old.head_type == "sequential" and old.n_future > 1:
+            src, prefix = old.n_future - 1, f"heads.{i}."  # copies of the last sequential head
         elif new_cfg.head_type == "sequential":  # a block becomes a new sequential head's block
             src, prefix = (i if i < old.n_future else 0), f"heads.{i}.block."
             state.update(_seed_sequential_head(model, i))
