@@ -54,16 +54,17 @@ def tiny_model(seed: int = 0, *, dtype: torch.dtype = torch.float32, device: str
 
 
 def tiny_train_fields(corpus: Path | str, out: Path | str, **overrides: Any) -> dict[str, Any]:
-    """The fields of a seconds-long CPU training run on `corpus`, as a plain dict (it can cross
-    into torchrun workers as JSON)."""
+    """The options of a seconds-long CPU training run on `corpus`, as a plain dict of flat keys
+    (as in YAML or flags; it can cross into torchrun workers as JSON)."""
     return dict(data=str(corpus), out=str(out), preset="tiny", n_future=2, steps=12, batch_size=4, seq_len=32,
                 lr=3e-3, warmup=3, eval_every=6, eval_batches=2, save_every=4, log_every=1, dtype="fp32",
                 progress=False, chunk_size=50) | overrides
 
 
 def tiny_train_config(corpus: Path | str, out: Path | str, **overrides: Any) -> TrainConfig:
-    """A TrainConfig for a seconds-long CPU run on the `corpus` fixture (fields overridable)."""
-    return TrainConfig(**tiny_train_fields(corpus, out, **overrides))
+    """A TrainConfig for a seconds-long CPU run on the `corpus` fixture (options overridable by
+    flat key, e.g. steps=8)."""
+    return TrainConfig.from_dict(tiny_train_fields(corpus, out, **overrides))
 
 
 @pytest.fixture

@@ -173,4 +173,4 @@ def test_finetune_from_the_cache_follows_the_uncached_run(corpus, tmp_path, tiny
 def test_base_cache_needs_frozen_base_heads(corpus, tmp_path):
     with pytest.raises(ValueError, match="trainable=extra_heads"):
         tiny_train_config(corpus, tmp_path / "x", trainable="heads", base_cache="auto")
-    assert tiny_train_config(corpus, tmp_path / "x", base_cache="none").base_cache is None
+    assert tiny_train_config(corpus, tmp_path / "x", base_cache="none").finetuning.base_cache is None

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from mtp import distributed
 from mtp.loss import mtp_backward
 from mtp.model import ConfigError, MTPModel
-from mtp.train import TrainConfig, make_optimizer, train
+from mtp.train import OptimizerConfig, TrainConfig, make_optimizer, train
 
 from conftest import tiny_model, tiny_train_fields
 
@@ -105,7 +105,7 @@ def _worker(spec_path: str) -> None:
                 if crash and restart == 0 and info.rank == crash["rank"] and rec["step"] == crash["step"]:
                     os.kill(os.getpid(), signal.SIGKILL)
 
-            train(TrainConfig(**job["cfg"]), stop_after=job.get("stop_after"), on_log=on_log)
+            train(TrainConfig.from_dict(job["cfg"]), stop_after=job.get("stop_after"), on_log=on_log)
         if info.is_main and "results" in spec:
             Path(spec["results"]).write_text(json.dumps(results))
     finally:
@@ -144,9 +144,9 @@ def runs(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, An
     gradient/sync checks, one optimizer step under DDP and FSDP2, a 2-process run stopped after
     step 5 (resumed in 1 process by a test), and the 2-process resume of a stopped 1-process run."""
     d = tmp_path_factory.mktemp("runs")
-    full = train(TrainConfig(**run_cfg(corpus, d / "full", 1)))
-    one_step = {"single": train(TrainConfig(**run_cfg(corpus, d / "step-single", 1, steps=1)))}
-    train(TrainConfig(**run_cfg(corpus, d / "c", 1)), stop_after=5)  # checkpoint at 4, "crash" after 5
+    full = train(TrainConfig.from_dict(run_cfg(corpus, d / "full", 1)))
+    one_step = {"single": train(TrainConfig.from_dict(run_cfg(corpus, d / "step-single", 1, steps=1)))}
+    train(TrainConfig.from_dict(run_cfg(corpus, d / "c", 1)), stop_after=5)  # checkpoint at 4, "crash" after 5
     jobs: list[dict[str, Any]] = [
         {"kind": "grads", "name": f"{s}-{h}", "strategy": s, "head_type": h}
         for s in ("ddp", "fsdp") for h in ("parallel", "anticausal")
@@ -201,7 +201,7 @@ def test_one_step_gives_the_parameters_of_one_process(runs: dict[str, Any], stra
 def test_two_process_checkpoint_resumes_in_one_process(runs: dict[str, Any], corpus: Path) -> None:
     d = runs["dir"]
     assert (d / "b" / "latest").read_text().strip() == "ckpt-00000004"  # written by the stopped FSDP2 run
-    resumed = train(TrainConfig(**run_cfg(corpus, d / "b", 1, resume=True)))
+    resumed = train(TrainConfig.from_dict(run_cfg(corpus, d / "b", 1, resume=True)))
     assert_same_curve(runs["full"]["records"], resumed["records"])
     assert_same_curve(runs["full"]["records"], metrics(d / "b"))
 
@@ -242,18 +242,18 @@ def test_init_without_torchrun_is_one_process(monkeypatch: pytest.MonkeyPatch) -
     with pytest.raises(ConfigError, match="diverging"):
         distributed.resolve_strategy("none", two)
     with pytest.raises(ConfigError, match="parallel must be"):
-        TrainConfig(parallel="zero3")
+        TrainConfig.from_dict({"parallel": "zero3"})
 
 
 def test_legacy_optimizer_state_loads_by_name() -> None:
     """Checkpoints written before distributed training hold opt.state_dict() (index keys)."""
     model = tiny_model(0, training=True, n_future=2, vocab_size=40)
-    opt = make_optimizer(model, TrainConfig())
+    opt = make_optimizer(model, OptimizerConfig())
     mtp_backward(model, torch.randint(0, 40, (2, 10)), seq_len=8)
     opt.step()
     legacy = opt.state_dict()
     model2 = MTPModel(model.cfg)
-    opt2 = make_optimizer(model2, TrainConfig())
+    opt2 = make_optimizer(model2, OptimizerConfig())
     distributed.load_optimizer_state(model2, opt2, legacy)
     for p, p2 in zip(model.parameters(), model2.parameters()):
         torch.testing.assert_close(opt.state[p]["exp_avg"], opt2.state[p2]["exp_avg"])

@@ -10,7 +10,7 @@ from mtp.checkpoint import CheckpointError, load_model, resolve_checkpoint
 from mtp.cli import main
 from mtp.data import prepare
 from mtp.model import ConfigError
-from mtp.train import TrainConfig, lr_at, train
+from mtp.train import OptimizerConfig, lr_at, train
 
 from conftest import tiny_train_config
 
@@ -19,7 +19,7 @@ cfg = tiny_train_config  # shared with the other test files (tests/conftest.py)
 
 
 def test_lr_schedule_warmup_then_cosine_to_floor():
-    c = TrainConfig(steps=100, warmup=10, lr=1.0, min_lr_ratio=0.03)
+    c = OptimizerConfig(steps=100, warmup=10, lr=1.0, min_lr_ratio=0.03)
     assert lr_at(0, c) == pytest.approx(0.1)
     assert lr_at(9, c) == pytest.approx(1.0)
     assert lr_at(10, c) == pytest.approx(1.0)
@@ -165,7 +165,8 @@ def test_cli_finetune_defaults_to_self_distilled_extra_heads(corpus, tmp_path, c
                  "--steps", "4", "--batch-size", "2", "--seq-len", "32", "--dtype", "fp32", "--no-progress",
                  "--eval-every", "2", "--eval-batches", "1", "--lr", "1e-2"]) == 0
     saved = json.loads((resolve_checkpoint(tmp_path / "ft") / "train_config.json").read_text())
-    assert saved["trainable"] == "extra_heads" and saved["targets"] == "self" and saved["n_future"] == 3
+    assert saved["finetuning"]["trainable"] == "extra_heads" and saved["finetuning"]["targets"] == "self"
+    assert saved["model"]["n_future"] == 3
     ft, _ = load_model(tmp_path / "ft")
     x = torch.randint(0, 256, (1, 16))
     with torch.no_grad():

@@ -41,75 +41,78 @@ def _optional_int(text: str) -> int | None:
 
 def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, shown_defaults: dict[str, Any] | None = None,
                         exclude: tuple[str, ...] = ()) -> None:
-    """One flag per dataclass field (--field-name), help from the field's metadata (what it does,
-    allowed values) and its default; `shown_defaults` replaces defaults in the help where the
-    command's differ. Flags default to SUPPRESS so that only what the user typed overrides YAML.
-    Each flag is listed under its field's group, a section of `cls.SECTIONS`, in that order."""
-    from .options import help_text
+    """One flag per field of each section of `cls` (a dataclass of dataclasses, e.g. TrainConfig),
+    named by the field's flat name (--flat-name, mtp.options.flat_name), with help from the field's
+    metadata (what it does, allowed values) and its default; `shown_defaults` (by flat name)
+    replaces defaults in the help where the command's differ. Each section is an argument group
+    titled by the section field's help, in field order. Flags default to SUPPRESS so that only what
+    the user typed overrides YAML."""
+    from .options import flat_name, help_text
 
-    hints = typing.get_type_hints(cls)
-    sections = {name: parser.add_argument_group(f"{name} options", title) for name, title in cls.SECTIONS.items()}
-    for f in dataclasses.fields(cls):
-        if f.name in exclude:
-            continue
-        section = sections[f.metadata["group"]]
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        default = (shown_defaults or {}).get(f.name, default)
-        text = help_text(f, default).replace("%", "%%")
-        kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": text}
-        hint = hints[f.name]
-        if f.metadata.get("choices"):
-            kw["choices"] = f.metadata["choices"]
-            kw["metavar"] = "{" + ",".join(f.metadata["choices"]) + "}"
-        if hint is bool:
-            section.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
-        elif hint == dict[str, Any]:
-            section.add_argument(flag, action="append", metavar="KEY=VALUE", **kw)
-        elif hint == (list[float] | None):
-            section.add_argument(flag, type=float, nargs="+", **kw)
-        elif hint == (int | None):
-            section.add_argument(flag, type=_optional_int, **kw)
-        elif hint == (str | None):
-            section.add_argument(flag, type=str, **kw)
-        else:
-            section.add_argument(flag, type=hint, **kw)
+    for sf in dataclasses.fields(cls):
+        section_cls = typing.get_type_hints(cls)[sf.name]
+        group = parser.add_argument_group(f"{sf.name} options", sf.metadata.get("help"))
+        hints = typing.get_type_hints(section_cls)
+        for f in dataclasses.fields(section_cls):
+            name = flat_name(f)
+            if name in exclude:
+                continue
+            flag = "--" + name.replace("_", "-")
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            default = (shown_defaults or {}).get(name, default)
+            text = help_text(f, default).replace("%", "%%")
+            kw: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": text}
+            hint = hints[f.name]
+            if f.metadata.get("choices"):
+                kw["choices"] = f.metadata["choices"]
+                kw["metavar"] = "{" + ",".join(f.metadata["choices"]) + "}"
+            if hint is bool:
+                group.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+            elif hint == dict[str, Any]:
+                group.add_argument(flag, action="append", metavar="KEY=VALUE", **kw)
+            elif hint == (list[float] | None):
+                group.add_argument(flag, type=float, nargs="+", **kw)
+            elif hint == (int | None):
+                group.add_argument(flag, type=_optional_int, **kw)
+            elif hint == (str | None):
+                group.add_argument(flag, type=str, **kw)
+            else:
+                group.add_argument(flag, type=hint, **kw)
+
+
+def _load_config_file(path_text: str) -> dict[str, Any]:
+    """The mapping in a --config YAML file (flat or nested TrainConfig options)."""
+    import yaml
+
+    path = Path(path_text)
+    if not path.exists():
+        raise ValueError(f"config file {path} does not exist")
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or type(e).__name__
+        raise ValueError(f"config file {path} is not valid YAML{where}: {problem}") from None
+    if not isinstance(loaded, dict):
+        raise ValueError(f"config file {path} must hold a mapping of TrainConfig options")
+    return loaded
 
 
 def build_train_config(args: argparse.Namespace, defaults: dict[str, Any] | None = None):
-    """TrainConfig from `defaults`, overridden by the YAML file, overridden by the flags typed."""
-    from .train import TrainConfig
+    """TrainConfig from `defaults`, overridden by the YAML file, overridden by the flags typed
+    (flags and `defaults` by flat name; the file flat or nested, see mtp.train_config)."""
+    from .train_config import FLAT_KEYS, TrainConfig
 
-    values: dict[str, Any] = dict(defaults or {})
+    layers: list[dict[str, Any]] = [dict(defaults or {})]
     if getattr(args, "config", None):
-        import yaml
-
-        path = Path(args.config)
-        if not path.exists():
-            raise ValueError(f"config file {path} does not exist")
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-            problem = getattr(e, "problem", None) or type(e).__name__
-            raise ValueError(f"config file {path} is not valid YAML{where}: {problem}") from None
-        if not isinstance(loaded, dict):
-            raise ValueError(f"config file {path} must hold a mapping of TrainConfig fields")
-        values.update(loaded)
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    for name in names - {"model"}:
-        if hasattr(args, name):
-            values[name] = getattr(args, name)
-    # --model k=v pairs refine the YAML's model
-    yaml_model = values.get("model") or {}
-    if not isinstance(yaml_model, dict):
-        raise ValueError(f"model must be a mapping of ModelConfig fields (e.g. model: {{dim: 96}}), got {yaml_model!r}")
-    values["model"] = {**yaml_model, **_parse_pairs(getattr(args, "model", None), "--model")}
-    unknown = set(values) - names
-    if unknown:
-        raise ValueError(f"unknown training option(s): {', '.join(sorted(unknown))}")
-    return TrainConfig(**values)
+        layers.append(_load_config_file(args.config))
+    flags = {name: getattr(args, name) for name in FLAT_KEYS if name != "model" and hasattr(args, name)}
+    pairs = _parse_pairs(getattr(args, "model", None), "--model")  # they refine the YAML's model
+    if pairs:
+        flags["model"] = pairs
+    layers.append(flags)
+    return TrainConfig.from_dict(*layers)
 
 
 # ----- commands ----------------------------------------------------------------------------------
@@ -154,17 +157,18 @@ def cmd_train(args: argparse.Namespace, defaults: dict[str, Any] | None = None) 
     print(f"checkpoint: {result['out']}  (plot: {Path(result['out']) / 'loss_curves.png'})")
 
 
-def _yaml_value(args: argparse.Namespace, key: str) -> Any:
-    """`key` of the --config file, or None (a missing or broken file is reported by build_train_config)."""
+def _yaml_value(args: argparse.Namespace, path: tuple[str, str]) -> tuple[str, Any] | None:
+    """(key as written, value) of the option at `path` (section, field) in the --config file, or
+    None (a missing or broken file is reported by build_train_config)."""
+    from .model import ConfigError
+    from .train_config import config_entries
+
     if not getattr(args, "config", None):
         return None
-    import yaml
-
     try:
-        loaded = yaml.safe_load(Path(args.config).read_text())
-    except (OSError, yaml.YAMLError):
+        return config_entries(_load_config_file(args.config)).get(path)
+    except (ValueError, ConfigError):
         return None
-    return loaded.get(key) if isinstance(loaded, dict) else None
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
@@ -176,9 +180,9 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     if getattr(args, "init_from_flag", None) is not None:
         raise ValueError(f"finetune starts from BASE ({args.base}); --init-from {args.init_from_flag} is for "
                          "`mtp train`: drop it, or give that checkpoint as BASE")
-    other = _yaml_value(args, "init_from")
+    key, other = _yaml_value(args, ("finetuning", "init_from")) or ("init_from", None)
     if other not in (None, args.base):
-        raise ValueError(f"finetune starts from BASE ({args.base}); init_from: {other} in {args.config} is for "
+        raise ValueError(f"finetune starts from BASE ({args.base}); {key}: {other} in {args.config} is for "
                          "`mtp train`: remove it, or give that checkpoint as BASE")
     args.init_from = args.base
     n_future = load_config(resolve_checkpoint(args.base)).n_future
@@ -493,6 +497,8 @@ def cmd_export(args: argparse.Namespace) -> None:
 # ----- entry point -------------------------------------------------------------------------------
 
 CKPT_HELP = "checkpoint directory, or a run directory (its `latest` checkpoint)"
+CONFIG_HELP = ("YAML file of training options, by section (optimizer: {lr: 1e-3}) or flat as the flags "
+               "(lr: 1e-3); flags override it")
 DEVICE_HELP = "auto (cuda if available, else cpu), cpu, cuda or cuda:N (default: auto)"
 # What `finetune --help` shows where its defaults differ from `train`'s (see cmd_finetune).
 FINETUNE_SHOWN_DEFAULTS: dict[str, Any] = {"trainable": "extra_heads", "targets": "self",
@@ -540,13 +546,13 @@ def build_parser() -> argparse.ArgumentParser:
     psd.set_defaults(func=cmd_self_data)
 
     pt = sub.add_parser("train", help="train a multi-token prediction model")
-    pt.add_argument("--config", help="YAML file of TrainConfig fields (flags override it)")
+    pt.add_argument("--config", help=CONFIG_HELP)
     add_dataclass_flags(pt, TrainConfig)
     pt.set_defaults(func=cmd_train)
 
     pf = sub.add_parser("finetune", help="train from a checkpoint (default: only heads 2..n, self-distilled)")
     pf.add_argument("base", help="checkpoint or run directory to start from (e.g. made by `mtp import`)")
-    pf.add_argument("--config", help="YAML file of TrainConfig fields (flags override it)")
+    pf.add_argument("--config", help=CONFIG_HELP)
     add_dataclass_flags(pf, TrainConfig, FINETUNE_SHOWN_DEFAULTS, exclude=("init_from",))
     pf.add_argument("--init-from", dest="init_from_flag", default=None, help=argparse.SUPPRESS)  # refused
     pf.set_defaults(func=cmd_finetune)

@@ -1,10 +1,11 @@
 """Config fields that document and check themselves.
 
-`opt(default, help, choices, group)` declares a dataclass field whose help text, allowed values
-and concern (the `--help` section it is listed in) live in its metadata; the command line builds
-`--help` from them (see mtp.cli.add_dataclass_flags),
-and `check_fields` checks a value of the wrong type or outside the choices with one line that
-names the key, the value and what is expected, whether it came from YAML or from a flag.
+`opt(default, help, choices, minimum=, positive=, flat=)` declares a dataclass field whose help
+text, allowed values and bounds live in its metadata (`flat`: its key in flat YAML and its flag
+name, where that is not the field's name); the command line builds `--help` from them (see
+mtp.cli.add_dataclass_flags), and `check_field` / `check_fields` check a value of the wrong type,
+outside the choices or below the bound with one line that names the key, the value and what is
+expected, whether it came from YAML or from a flag.
 """
 
 from __future__ import annotations
@@ -23,8 +24,11 @@ class OptionError(ConfigError):
 
 
 def opt(default: Any = dataclasses.MISSING, help: str = "", choices: tuple[str, ...] | None = None,
-        default_factory: Any = dataclasses.MISSING, group: str | None = None) -> Any:
-    meta = {"help": help, "choices": choices, "group": group}
+        default_factory: Any = dataclasses.MISSING, minimum: float | None = None, positive: bool = False,
+        flat: str | None = None) -> Any:
+    """A field with its help, allowed values (`choices`), bound (`minimum`, inclusive, or
+    `positive`: > 0) and `flat` name (see the module docstring) in its metadata."""
+    meta = {"help": help, "choices": choices, "minimum": minimum, "positive": positive, "flat": flat}
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -51,9 +55,16 @@ def _is_optional(hint: Any) -> bool:
     return typing.get_origin(hint) in (Union, types.UnionType) and type(None) in typing.get_args(hint)
 
 
-def check_value(key: str, value: Any, hint: Any, choices: tuple[str, ...] | None = None) -> Any:
+def flat_name(f: dataclasses.Field) -> str:
+    """The field's key in flat YAML and its flag name (--flat-name)."""
+    return f.metadata.get("flat") or f.name
+
+
+def check_value(key: str, value: Any, hint: Any, choices: tuple[str, ...] | None = None,
+                minimum: float | None = None, positive: bool = False) -> Any:
     """`value` checked against the type `hint` (int, float, str, bool, X | None, list[float],
-    dict); returns it, with ints widened to float where a float is expected."""
+    dict), the `choices` and the bound; returns it, with ints widened to float where a float is
+    expected."""
     if value is None and _is_optional(hint):
         return None
     base = [a for a in typing.get_args(hint) if a is not type(None)][0] if _is_optional(hint) else hint
@@ -89,15 +100,24 @@ def check_value(key: str, value: Any, hint: Any, choices: tuple[str, ...] | None
             raise bad
     if choices is not None and value not in choices:
         raise OptionError(f"{key} must be one of {', '.join(choices)}, got {_describe(value)}")
+    if positive and value <= 0:
+        raise OptionError(f"{key} must be positive, got {value}")
+    if minimum is not None and value < minimum:
+        raise OptionError(f"{key} must be >= {minimum}{' or none' if _is_optional(hint) else ''}, got {value}")
     return value
+
+
+def check_field(key: str, value: Any, f: dataclasses.Field, hint: Any) -> Any:
+    """`value` for the field `f` (of type `hint`) checked as its metadata says; `key` names it."""
+    return check_value(key, value, hint, f.metadata.get("choices"), f.metadata.get("minimum"),
+                       f.metadata.get("positive", False))
 
 
 def check_fields(obj: Any, prefix: str = "") -> None:
     """Check (and normalize, e.g. int -> float) every field of the dataclass instance `obj`."""
     hints = typing.get_type_hints(type(obj))
     for f in dataclasses.fields(obj):
-        value = check_value(prefix + f.name, getattr(obj, f.name), hints[f.name], f.metadata.get("choices"))
-        object.__setattr__(obj, f.name, value)
+        object.__setattr__(obj, f.name, check_field(prefix + f.name, getattr(obj, f.name), f, hints[f.name]))
 
 
 def check_mapping(values: dict[str, Any], cls: type, prefix: str) -> dict[str, Any]:

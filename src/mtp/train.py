@@ -17,9 +17,8 @@ import shutil
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -28,142 +27,28 @@ from . import base_cache as base_cache_io
 from . import checkpoint as ckpt_io
 from . import distributed, fsutil
 from .data import TokenData, Tokenizer, validation_batches
-from .loss import IGNORE, TARGETS, align_targets, base_kind, mtp_backward
-from .model import HEAD_TYPES, PRESETS, ConfigError, ModelConfig, MTPModel
-from .options import check_fields, check_mapping, opt
+from .loss import IGNORE, align_targets, base_kind, mtp_backward
+from .model import ConfigError, ModelConfig, MTPModel
+from .train_config import (CheckpointConfig, DataConfig, FinetuneConfig, ModelSpec, OptimizerConfig, RuntimeConfig,
+                           TrainConfig)
 
-
-@dataclass
-class TrainConfig:
-    """Everything a training run needs; settable from YAML and from `mtp train --flag value`.
-    Each field's help and allowed values (its metadata) make the `--help` text and the checks;
-    its group (one of SECTIONS, the field's concern) makes the `--help` section it is listed in."""
-
-    SECTIONS: ClassVar[dict[str, str]] = {
-        "model": "the model trained", "optimizer": "loss, optimizer and learning-rate schedule",
-        "data": "training data and batches", "checkpointing": "run directory: checkpoints, validation, logs",
-        "runtime": "device, precision, memory and processes", "finetuning": "starting from a checkpoint",
-    }
-
-    # The model trained: a preset with fields overridden, and its heads.
-    preset: str = opt("tiny", "model size (see `mtp presets`)", tuple(PRESETS), group="model")
-    n_future: int = opt(4, "number of output heads, i.e. tokens predicted per position", group="model")
-    head_type: str = opt("parallel", "how heads are stacked on the trunk", HEAD_TYPES, group="model")
-    model: dict[str, Any] = opt(help="ModelConfig override, repeatable (e.g. --model dim=96)", default_factory=dict,
-                                group="model")
-    draft_vocab: int = opt(0, "heads 2..n score only this many tokens, the most frequent in the training split "
-                              "(a slice of the unembedding; head 1 scores all); 0: keep the model's (none for a "
-                              "new model)", group="model")
-    # What is optimized and how: the loss over heads, AdamW and the learning-rate schedule.
-    head_weights: list[float] | None = opt(None, "loss weight per head, one number per head; none: unweighted sum",
-                                           group="optimizer")
-    steps: int = opt(1000, "optimizer steps", group="optimizer")
-    lr: float = opt(1e-3, "peak learning rate, a positive number", group="optimizer")
-    warmup: int = opt(100, "linear warmup steps", group="optimizer")
-    min_lr_ratio: float = opt(0.03, "the cosine schedule ends at this fraction of the peak lr", group="optimizer")
-    weight_decay: float = opt(0.1, "AdamW decoupled weight decay on matrices", group="optimizer")
-    beta1: float = opt(0.9, "AdamW beta1", group="optimizer")
-    beta2: float = opt(0.95, "AdamW beta2", group="optimizer")
-    grad_clip: float = opt(1.0, "clip the gradient norm to this; 0 disables clipping", group="optimizer")
-    # The training data and how it is cut into batches.
-    data: str = opt("data/stdlib-bpe", "directory made by `mtp prepare` to train on", group="data")
-    batch_size: int = opt(16, "sequences per micro-batch (per process)", group="data")
-    seq_len: int = opt(256, "tokens per training sequence (at most the model's max_seq_len)", group="data")
-    grad_accum: int = opt(1, "micro-batches accumulated per optimizer step", group="data")
-    seed: int = opt(0, "seed of the initial weights and the batch order", group="data")
-    # The run directory: checkpoints, validation and logs.
-    out: str = opt("runs/mtp", "run directory: checkpoints, metrics.jsonl, tb/ logs, loss plot", group="checkpointing")
-    resume: bool = opt(False, "continue from the newest intact checkpoint in --out (fresh start if none)",
-                       group="checkpointing")
-    save_every: int = opt(200, "steps between checkpoints; the last step is always saved", group="checkpointing")
-    keep: int = opt(2, "checkpoints kept on disk (the newest intact one is never deleted)", group="checkpointing")
-    eval_every: int = opt(200, "steps between validations; 0: only at the end", group="checkpointing")
-    eval_batches: int = opt(10, "validation batches per evaluation", group="checkpointing")
-    log_every: int = opt(10, "steps between metrics.jsonl / TensorBoard records", group="checkpointing")
-    progress: bool = opt(True, "show a progress bar", group="checkpointing")
-    # Where and how it runs: device, precision, memory savers, processes and threads.
-    device: str = opt("auto", "auto (cuda if available, else cpu), cpu, cuda or cuda:N", group="runtime")
-    dtype: str = opt("bf16", "autocast dtype of the forward pass", ("bf16", "fp32"), group="runtime")
-    chunk_size: int | None = opt(2048, "positions per cross-entropy chunk (saves memory); none: all at once",
-                                 group="runtime")
-    compile: bool = opt(False, "torch.compile the trunk and head blocks", group="runtime")
-    activation_checkpointing: bool = opt(False, "recompute block activations in backward (less memory)",
-                                         group="runtime")
-    parallel: str = opt("auto", "under torchrun: data parallel (auto = ddp) or FSDP2 sharding; one process: none",
-                        distributed.STRATEGIES, group="runtime")
-    threads: int = opt(0, "CPU threads per process; 0: torch's default alone, CPUs / local processes under "
-                          "torchrun", group="runtime")
-    # Starting from a checkpoint (what `mtp finetune` sets).
-    init_from: str | None = opt(None, "start from this checkpoint's weights (finetuning); n_future may differ",
-                                group="finetuning")
-    init_heads: str = opt("copy", "heads added when n_future grows: copies of head 1, or random",
-                          ("copy", "random"), group="finetuning")
-    trainable: str = opt("all", "what trains: everything, the heads (trunk frozen), or heads 2..n only "
-                                "(next-token output unchanged)", ("all", "heads", "extra_heads"), group="finetuning")
-    targets: str = opt("data", "what heads 2..n learn: the data, head 1's greedy tokens (self-distillation, "
-                               "for drafting), or head 1's distribution cut to its distill_topk likeliest tokens "
-                               "(KL; logged head losses are then KLs)", TARGETS, group="finetuning")
-    distill_topk: int = opt(32, "targets=distill: head 1's likeliest tokens kept per position (renormalised)",
-                            group="finetuning")
-    base_cache: str | None = opt(None, "trainable=extra_heads: compute the frozen base's outputs (trunk or head 1 "
-                                       "output, head 1's top-k and loss) for the training split once, memory-mapped "
-                                       "in this directory, and train the heads from them every epoch; auto: "
-                                       "OUT/base-cache; rebuilt when the base, data or settings change",
-                                 group="finetuning")
-    base_cache_dtype: str = opt("bf16", "dtype of the cached hidden states", ("bf16", "fp32"), group="finetuning")
-
-    def __post_init__(self) -> None:
-        check_fields(self)  # types and choices: one line naming the key, the value and what is expected
-        for name in ("steps", "batch_size", "seq_len", "grad_accum"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup", "eval_every", "eval_batches", "save_every", "keep", "threads"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.log_every < 1:
-            raise ConfigError(f"log_every must be >= 1, got {self.log_every}")
-        if self.n_future < 1:
-            raise ConfigError(f"n_future must be >= 1, got {self.n_future}")
-        self.model = check_mapping(self.model, ModelConfig, "model.")
-        if self.targets != "data" and self.head_type == "anticausal":
-            raise ConfigError(f"targets={self.targets} needs head 1 to read the trunk output; anticausal heads do not")
-        if self.draft_vocab < 0:
-            raise ConfigError(f"draft_vocab must be >= 0, got {self.draft_vocab}")
-        if self.distill_topk < 1:
-            raise ConfigError(f"distill_topk must be >= 1, got {self.distill_topk}")
-        if self.base_cache is not None and self.base_cache.lower() in ("none", "null", "off", ""):
-            self.base_cache = None
-        if self.base_cache is not None and self.trainable != "extra_heads":
-            raise ConfigError(f"base_cache needs trainable=extra_heads (a frozen trunk, head 1 and unembedding), "
-                              f"got trainable={self.trainable}")
-        if self.lr <= 0:
-            raise ConfigError(f"lr must be positive, got {self.lr}")
-        if self.head_weights is not None and len(self.head_weights) != self.model.get("n_future", self.n_future):
-            raise ConfigError(f"head_weights has {len(self.head_weights)} numbers but the model has "
-                              f"{self.model.get('n_future', self.n_future)} heads (n_future); give one per head")
-        if self.chunk_size is not None and self.chunk_size < 1:
-            raise ConfigError(f"chunk_size must be >= 1 or none, got {self.chunk_size}")
-
-    def model_config(self, vocab_size: int) -> ModelConfig:
-        overrides = {"n_future": self.n_future, "head_type": self.head_type, "vocab_size": vocab_size,
-                     **self.model}
-        cfg = ModelConfig.from_preset(self.preset, **overrides)
-        if cfg.vocab_size < vocab_size:
-            raise ConfigError(f"model vocab_size={cfg.vocab_size} is smaller than the tokenizer's {vocab_size}")
-        return cfg
+__all__ = ["CheckpointConfig", "DataConfig", "FinetuneConfig", "ModelSpec", "OptimizerConfig", "RuntimeConfig",
+           "TrainConfig", "evaluate", "init_model", "lr_at", "make_optimizer", "set_trainable", "train"]
 
 
 def init_model(cfg: TrainConfig, vocab_size: int) -> MTPModel:
     """A fresh model from the preset, or (with init_from) a saved one with n_future heads: the trunk
     is kept, existing heads are reused, new heads copy head 1 or start random."""
-    if cfg.init_from is None:
-        return MTPModel(cfg.model_config(vocab_size))
-    base, _ = ckpt_io.load_model(cfg.init_from)
+    spec, init_from = cfg.model, cfg.finetuning.init_from
+    if init_from is None:
+        return MTPModel(spec.build(vocab_size))
+    base, _ = ckpt_io.load_model(init_from)
     old = base.cfg
     if old.vocab_size < vocab_size:
-        raise ConfigError(f"{cfg.init_from} has vocab_size={old.vocab_size}, smaller than the data's tokenizer ({vocab_size})")
-    layers = old.n_trunk + (0 if old.head_type == "linear" else cfg.n_future)
-    new_cfg = ModelConfig.from_dict({**old.to_dict(), "n_future": cfg.n_future, "n_layers": layers, **cfg.model})
+        raise ConfigError(f"{init_from} has vocab_size={old.vocab_size}, smaller than the data's tokenizer ({vocab_size})")
+    layers = old.n_trunk + (0 if old.head_type == "linear" else spec.n_future)
+    new_cfg = ModelConfig.from_dict({**old.to_dict(), "n_future": spec.n_future, "n_layers": layers,
+                                     "head_type": spec.head_type or old.head_type, **spec.overrides})
     # parallel <-> causal only rewires the same blocks (head i reads the trunk or head i-1); head 1
     # reads the trunk either way, so the model's own next-token output is kept.
     # Sequential heads may replace them too: head 1 is the same block, and each new sequential
@@ -179,7 +64,7 @@ def init_model(cfg: TrainConfig, vocab_size: int) -> MTPModel:
     for i in range(new_cfg.n_future):
         if i < old.n_future and (i == 0 or not to_sequential):  # the same kind of head: kept
             src, prefix = i, f"heads.{i}."
-        elif cfg.init_heads == "random":
+        elif cfg.finetuning.init_heads == "random":
             continue
         elif new_cfg.head_type == "sequential" and old.head_type == "sequential" and old.n_future > 1:
             src, prefix = old.n_future - 1, f"heads.{i}."  # copies of the last sequential head
@@ -217,7 +102,7 @@ def set_trainable(model: MTPModel, trainable: str) -> None:
             h.requires_grad_(True)
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
+def lr_at(step: int, cfg: OptimizerConfig) -> float:
     """Linear warmup to the peak, then cosine decay to min_lr_ratio x peak at the last step."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
@@ -227,7 +112,7 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * ratio
 
 
-def make_optimizer(model: MTPModel, cfg: TrainConfig) -> torch.optim.AdamW:
+def make_optimizer(model: MTPModel, cfg: OptimizerConfig) -> torch.optim.AdamW:
     # Decoupled weight decay on matrices only; norms' gains are left alone.
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
@@ -380,8 +265,8 @@ def train(cfg: TrainConfig, stop_after: int | None = None,
     Under torchrun every rank calls this; rank 0 alone prints, logs and writes checkpoints, and
     `on_log` is called on every rank with the same (rank-averaged) record.
     `stop_after` ends the run early after that many steps, as a crash would (used in tests)."""
-    dist = distributed.init(cfg.device, cfg.threads)
-    out = Path(cfg.out)
+    dist = distributed.init(cfg.runtime.device, cfg.runtime.threads)
+    out = Path(cfg.checkpointing.out)
     existed, fresh = out.exists(), fsutil.describe_dir(out) is None
     try:
         return _train(cfg, dist, stop_after, on_log)
@@ -416,32 +301,32 @@ def _discard(out: Path, keep_dir: bool) -> None:
 def _train(cfg: TrainConfig, dist: distributed.DistInfo, stop_after: int | None,
            on_log: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]:
     device = dist.device
-    strategy = distributed.resolve_strategy(cfg.parallel, dist)
+    strategy = distributed.resolve_strategy(cfg.runtime.parallel, dist)
     # Every rank builds the same initial weights from the seed (FSDP2 shards them in place).
-    torch.manual_seed(cfg.seed)
-    out = Path(cfg.out)
+    torch.manual_seed(cfg.data.seed)
+    out = Path(cfg.checkpointing.out)
     found = fsutil.describe_dir(out)
     if found is not None and found[0] in (fsutil.DATASET, fsutil.CHECKPOINT, fsutil.HF_MODEL, fsutil.META_MODEL):
         raise ConfigError(f"--out {out} already holds {found[1]}; choose another --out")
     if dist.is_main:
         for stale in ckpt_io.remove_stale_checkpoint_temps(out):
             print(f"removed {stale}, a checkpoint left half-written by an earlier run", file=sys.stderr)
-    train_data = TokenData(cfg.data, "train")
-    val_data: TokenData | None = TokenData(cfg.data, "val")
-    tokenizer = Tokenizer.load(cfg.data)
+    train_data = TokenData(cfg.data.dir, "train")
+    val_data: TokenData | None = TokenData(cfg.data.dir, "val")
+    tokenizer = Tokenizer.load(cfg.data.dir)
     model = init_model(cfg, tokenizer.vocab_size).to(device)
-    if cfg.draft_vocab:
-        model.set_draft_vocab(train_data.most_frequent(min(cfg.draft_vocab, model.cfg.vocab_size)))
+    if cfg.model.draft_vocab:
+        model.set_draft_vocab(train_data.most_frequent(min(cfg.model.draft_vocab, model.cfg.vocab_size)))
     if model.cfg.draft_vocab and dist.is_distributed:
         raise ConfigError("a model with a draft vocabulary trains in one process (not under torchrun)")
     mcfg = model.cfg
-    if cfg.seq_len > mcfg.max_seq_len:
-        raise ConfigError(f"seq_len={cfg.seq_len} exceeds the model's max_seq_len={mcfg.max_seq_len}")
-    set_trainable(model, cfg.trainable)
+    if cfg.data.seq_len > mcfg.max_seq_len:
+        raise ConfigError(f"seq_len={cfg.data.seq_len} exceeds the model's max_seq_len={mcfg.max_seq_len}")
+    set_trainable(model, cfg.finetuning.trainable)
 
     start = 0
-    latest = ckpt_io.resume_checkpoint(out, report=dist.is_main) if cfg.resume else None
-    if cfg.resume and latest is None and dist.is_main:
+    latest = ckpt_io.resume_checkpoint(out, report=dist.is_main) if cfg.checkpointing.resume else None
+    if cfg.checkpointing.resume and latest is None and dist.is_main:
         print(f"--resume: {out} has no checkpoint yet; starting fresh at step 0", file=sys.stderr)
     state: dict[str, Any] | None = None
     if latest is not None:
@@ -451,7 +336,7 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo, stop_after: int | None,
         ckpt_io.load_weights(model, latest)  # full weights, before any sharding
         state = ckpt_io.load_trainer_state(latest)
         start = state["step"]
-    elif out.exists() and any(out.glob("ckpt-*")) and not cfg.resume:
+    elif out.exists() and any(out.glob("ckpt-*")) and not cfg.checkpointing.resume:
         raise ConfigError(f"{out} already holds checkpoints; pass --resume to continue or choose another --out")
     if not distributed.same_on_all_ranks(start, dist):
         raise ConfigError(f"the ranks found different checkpoints in {out}; on several nodes the run "
@@ -461,16 +346,16 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo, stop_after: int | None,
     log = MetricsLog(out / "metrics.jsonl", start if latest is not None else None, write=dist.is_main)
     writer = _tensorboard(out) if dist.is_main else None
 
-    if cfg.activation_checkpointing:
+    if cfg.runtime.activation_checkpointing:
         distributed.checkpoint_activations(model)
-    if cfg.compile:
+    if cfg.runtime.compile:
         for block in [*model.trunk_layers, *model.heads]:
             block.compile()
     # The wrapped model (what training calls) shares its parameters with `model`; the optimizer
     # is built after wrapping because FSDP2 replaces the parameters by sharded ones.
     runner: MTPModel | distributed.ParallelMTP = (
         model if strategy == "none" else distributed.ParallelMTP(model, strategy, device))
-    opt = make_optimizer(model, cfg)
+    opt = make_optimizer(model, cfg.optimizer)
     if state is not None:
         distributed.load_optimizer_state(model, opt, state["optimizer"])
         set_rng_state(state["rng"])
@@ -478,53 +363,56 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo, stop_after: int | None,
     def micro_batch(last: bool) -> Any:
         return runner.micro_batch(last) if isinstance(runner, distributed.ParallelMTP) else nullcontext()
 
-    if val_data.num_windows(cfg.seq_len, mcfg.n_future) < 1:
+    if val_data.num_windows(cfg.data.seq_len, mcfg.n_future) < 1:
         if dist.is_main:
-            print(f"warning: the validation split of {cfg.data} is shorter than one window; skipping validation")
+            print(f"warning: the validation split of {cfg.data.dir} is shorter than one window; skipping validation")
         val_data = None
-    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * dist.world_size
+    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * cfg.data.grad_accum * dist.world_size
     if dist.is_main:
         layout = f"; {dist.world_size} processes ({strategy})" if dist.is_distributed else ""
         print(f"model: {mcfg.n_trunk} trunk blocks + {mcfg.n_future} {mcfg.head_type} heads, dim {mcfg.dim}, "
               f"vocab {mcfg.vocab_size}, {model.num_params() / 1e6:.2f}M parameters; "
               f"{len(train_data.tokens):,} training tokens; device {device}{layout}"
               + (f"; resuming at step {start}" if start else ""), flush=True)
-    cache = None if cfg.base_cache is None or start >= cfg.steps else _base_cache(cfg, model, train_data, dist)
+    cache = (None if cfg.finetuning.base_cache is None or start >= cfg.optimizer.steps
+             else _base_cache(cfg, model, train_data, dist))
     bar = _progress(cfg, start, dist.is_main)
-    end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
+    end = cfg.optimizer.steps if stop_after is None else min(cfg.optimizer.steps, start + stop_after)
     final_eval: dict[str, list[float]] | None = None
     trainable = [p for p in model.parameters() if p.requires_grad]
     model.train()
     t_last, last_logged = time.perf_counter(), start
     for step in range(start, end):
-        lr = lr_at(step, cfg)
+        lr = lr_at(step, cfg.optimizer)
         for g in opt.param_groups:
             g["lr"] = lr
         head_loss = torch.zeros(mcfg.n_future)
-        for micro in range(cfg.grad_accum):
-            windows = train_data.batch_windows(step * cfg.grad_accum + micro, cfg.batch_size, cfg.seq_len,
-                                               mcfg.n_future, seed=cfg.seed, rank=dist.rank,
-                                               world_size=dist.world_size)
-            batch = train_data.gather(windows, cfg.seq_len, mcfg.n_future).to(device)
+        accum, seq_len = cfg.data.grad_accum, cfg.data.seq_len
+        for micro in range(accum):
+            windows = train_data.batch_windows(step * accum + micro, cfg.data.batch_size, seq_len, mcfg.n_future,
+                                               seed=cfg.data.seed, rank=dist.rank, world_size=dist.world_size)
+            batch = train_data.gather(windows, seq_len, mcfg.n_future).to(device)
             base = None if cache is None else cache.get(windows, device, next(model.parameters()).dtype)
-            with micro_batch(micro == cfg.grad_accum - 1), autocast(device, cfg.dtype):
-                _, per_head = mtp_backward(runner, batch, cfg.head_weights, seq_len=cfg.seq_len,  # type: ignore[arg-type]
-                                           chunk_size=cfg.chunk_size, loss_scale=1.0 / cfg.grad_accum,
-                                           targets=cfg.targets, distill_topk=cfg.distill_topk, base=base)
-            head_loss += per_head.float().cpu() / cfg.grad_accum
+            with micro_batch(micro == accum - 1), autocast(device, cfg.runtime.dtype):
+                _, per_head = mtp_backward(runner, batch, cfg.optimizer.head_weights, seq_len=seq_len,  # type: ignore[arg-type]
+                                           chunk_size=cfg.runtime.chunk_size, loss_scale=1.0 / accum,
+                                           targets=cfg.finetuning.targets, distill_topk=cfg.finetuning.distill_topk,
+                                           base=base)
+            head_loss += per_head.float().cpu() / accum
         # Logged on every rank and checked for NaN alike, so all ranks stop together.
         head_loss = distributed.mean_over_ranks(head_loss, dist)
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        clip = cfg.optimizer.grad_clip
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, clip if clip > 0 else float("inf"))
         if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor holding the global norm
             grad_norm = grad_norm.full_tensor()
         opt.step()
         opt.zero_grad(set_to_none=True)
         done = step + 1
-        loss = float(head_loss.sum()) if cfg.head_weights is None else float(
-            (head_loss * torch.tensor(cfg.head_weights)).sum())
+        loss = float(head_loss.sum()) if cfg.optimizer.head_weights is None else float(
+            (head_loss * torch.tensor(cfg.optimizer.head_weights)).sum())
         if not math.isfinite(loss):
             raise FloatingPointError(f"loss became {loss} at step {done}; lower --lr or use --dtype fp32")
-        if done % cfg.log_every == 0 or done == end:
+        if done % cfg.checkpointing.log_every == 0 or done == end:
             now = time.perf_counter()
             tok_s = tokens_per_step * (done - last_logged) / max(1e-9, now - t_last)
             t_last, last_logged = now, done
@@ -543,10 +431,11 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo, stop_after: int | None,
                 bar.set_postfix(loss=f"{loss:.3f}", h1=f"{head_loss[0]:.3f}", tok_s=f"{tok_s:,.0f}")
         if bar is not None:
             bar.update(1)
-        last = done == cfg.steps
-        if val_data is not None and ((cfg.eval_every and done % cfg.eval_every == 0) or last):
-            final_eval = evaluate(runner, val_data, cfg.batch_size, cfg.seq_len, cfg.eval_batches, device,
-                                  cfg.dtype, dist)
+        last = done == cfg.optimizer.steps
+        eval_every, save_every = cfg.checkpointing.eval_every, cfg.checkpointing.save_every
+        if val_data is not None and ((eval_every and done % eval_every == 0) or last):
+            final_eval = evaluate(runner, val_data, cfg.data.batch_size, cfg.data.seq_len,
+                                  cfg.checkpointing.eval_batches, device, cfg.runtime.dtype, dist)
             if isinstance(runner, distributed.ParallelMTP):
                 runner.reshard()
             rec = {"kind": "val", "step": done, "loss": final_eval["loss"][0], "head_loss": final_eval["loss"],
@@ -562,13 +451,13 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo, stop_after: int | None,
                 agree = "/".join(f"{a_:.1%}" for a_ in final_eval["agree"][1:])
                 _write(bar, f"step {done} val loss/acc per head: {heads}"
                        + (f"; heads 2..{mcfg.n_future} agree with head 1: {agree}" if agree else ""))
-        if (cfg.save_every and done % cfg.save_every == 0) or last:
+        if (save_every and done % save_every == 0) or last:
             # Gathering the full state is collective under FSDP2: every rank takes part.
             model_state, opt_state = distributed.full_state(model, opt)
             if dist.is_main:
                 state = {"step": done, "optimizer": opt_state, "rng": rng_state()}
-                ckpt_io.save_checkpoint(out, done, model, tokenizer, state, dataclasses.asdict(cfg), keep=cfg.keep,
-                                        model_state=model_state)
+                ckpt_io.save_checkpoint(out, done, model, tokenizer, state, dataclasses.asdict(cfg),
+                                        keep=cfg.checkpointing.keep, model_state=model_state)
                 plot_losses(log.records, out / "loss_curves.png")
     if bar is not None:
         bar.close()
@@ -587,21 +476,22 @@ def _base_cache(cfg: TrainConfig, model: MTPModel, train_data: TokenData,
     if dist.is_distributed:
         raise ConfigError("base_cache runs in one process; drop it under torchrun")
     kind = base_kind(model.cfg.head_type)  # refuses anticausal heads
-    path = Path(cfg.out) / BASE_CACHE_AUTO if cfg.base_cache == "auto" else Path(cfg.base_cache or "")
-    topk = {"data": 0, "self": 1, "distill": cfg.distill_topk}[cfg.targets]
-    spec = base_cache_io.CacheSpec(kind=kind, topk=topk, dtype=cfg.base_cache_dtype, autocast=cfg.dtype)
-    cache, _ = base_cache_io.ensure_cache(path, model, train_data, cfg.seq_len, model.cfg.n_future, spec,
-                                          batch_size=cfg.batch_size, chunk_size=cfg.chunk_size, device=dist.device,
-                                          progress=cfg.progress)
+    ft = cfg.finetuning
+    path = Path(cfg.checkpointing.out) / BASE_CACHE_AUTO if ft.base_cache == "auto" else Path(ft.base_cache or "")
+    topk = {"data": 0, "self": 1, "distill": ft.distill_topk}[ft.targets]
+    spec = base_cache_io.CacheSpec(kind=kind, topk=topk, dtype=ft.base_cache_dtype, autocast=cfg.runtime.dtype)
+    cache, _ = base_cache_io.ensure_cache(path, model, train_data, cfg.data.seq_len, model.cfg.n_future, spec,
+                                          batch_size=cfg.data.batch_size, chunk_size=cfg.runtime.chunk_size,
+                                          device=dist.device, progress=cfg.checkpointing.progress)
     return cache
 
 
 def _progress(cfg: TrainConfig, start: int, main: bool):
-    if not (cfg.progress and main):
+    if not (cfg.checkpointing.progress and main):
         return None
     from tqdm import tqdm
 
-    return tqdm(total=cfg.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+    return tqdm(total=cfg.optimizer.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
 
 
 def _write(bar: Any, msg: str) -> None:

@@ -89,12 +89,15 @@ def train_code_model(run_dir: Path, data_dir: Path, st: CodeSettings, n_future: 
     with head 1, from training's final evaluation), est_tokens_per_forward, train_seconds."""
     from ..checkpoint import load_model
     from ..evaluate.metrics import evaluate_prepared
-    from ..train import TrainConfig
+    from ..train import CheckpointConfig, DataConfig, ModelSpec, OptimizerConfig, RuntimeConfig, TrainConfig
 
-    cfg = TrainConfig(data=str(data_dir), out=str(run_dir), preset="1M", model=dict(st.model), n_future=n_future,
-                      head_type=head_type, steps=st.steps, batch_size=st.batch_size, seq_len=st.seq_len, lr=st.lr,
-                      warmup=st.warmup, seed=seed, dtype="fp32", eval_every=0, eval_batches=st.eval_batches,
-                      log_every=max(1, st.steps // 20), chunk_size=None)
+    cfg = TrainConfig(
+        model=ModelSpec(preset="1M", n_future=n_future, head_type=head_type, overrides=dict(st.model)),
+        optimizer=OptimizerConfig(steps=st.steps, lr=st.lr, warmup=st.warmup),
+        data=DataConfig(dir=str(data_dir), batch_size=st.batch_size, seq_len=st.seq_len, seed=seed),
+        checkpointing=CheckpointConfig(out=str(run_dir), eval_every=0, eval_batches=st.eval_batches,
+                                       log_every=max(1, st.steps // 20)),
+        runtime=RuntimeConfig(dtype="fp32", chunk_size=None))
     res = common.train_run(cfg)
     model, _ = load_model(run_dir)
     metrics = evaluate_prepared(model, data_dir, batch_size=8, seq_len=st.seq_len, max_batches=st.eval_batches)

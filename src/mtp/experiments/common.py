@@ -98,12 +98,13 @@ def train_run(cfg: Any, eval_steps: Sequence[int] = (), evaluate: Callable[[MTPM
     from ..checkpoint import latest_checkpoint, load_model, load_trainer_state
     from ..train import train
 
-    out = Path(cfg.out)
+    out = Path(cfg.checkpointing.out)
     cache = out / "experiment_evals.json"
     saved: dict[str, Any] = json.loads(cache.read_text()) if cache.exists() else {"history": [], "seconds": 0.0}
-    stops = sorted({s for s in eval_steps if 0 < s < cfg.steps} | {cfg.steps})
+    stops = sorted({s for s in eval_steps if 0 < s < cfg.optimizer.steps} | {cfg.optimizer.steps})
     every = math.gcd(*stops)
-    cfg = dataclasses.replace(cfg, resume=True, save_every=every, keep=1, progress=False)
+    cfg = dataclasses.replace(cfg, checkpointing=dataclasses.replace(cfg.checkpointing, resume=True, save_every=every,
+                                                                     keep=1, progress=False))
     ckpt = latest_checkpoint(out)
     done = int(load_trainer_state(ckpt)["step"]) if ckpt is not None else 0
     evaluated = {h["step"] for h in saved["history"]}

@@ -162,7 +162,7 @@ def name_accuracy(model: Any, stories: Sequence[tuple[list[int], list[int]]], ba
 def run(out_dir: Path, st: Settings, seeds: Sequence[int], scale: str = "default",
         command: str = "mtp experiment induction") -> dict[str, Any]:
     """Train and evaluate every (seed, size, n) of `st`; `scale` only labels the results."""
-    from ..train import TrainConfig
+    from ..train import CheckpointConfig, DataConfig, ModelSpec, OptimizerConfig, RuntimeConfig, TrainConfig
 
     t_start = time.perf_counter()
     tok = common.word_tokenizer(vocabulary())
@@ -187,10 +187,13 @@ def run(out_dir: Path, st: Settings, seeds: Sequence[int], scale: str = "default
     for seed in seeds:
         for size, overrides in st.sizes.items():
             for n in st.n_values:
-                cfg = TrainConfig(data=str(data_dir), out=str(out_dir / "runs" / f"{size}-n{n}-s{seed}"), preset="1M",
-                                  model=dict(overrides), n_future=n, steps=st.steps, batch_size=st.batch_size,
-                                  seq_len=st.seq_len, lr=st.lr, warmup=st.warmup, seed=seed, dtype="fp32",
-                                  eval_every=0, eval_batches=5, log_every=max(1, st.steps // 20), chunk_size=None)
+                cfg = TrainConfig(
+                    model=ModelSpec(preset="1M", n_future=n, overrides=dict(overrides)),
+                    optimizer=OptimizerConfig(steps=st.steps, lr=st.lr, warmup=st.warmup),
+                    data=DataConfig(dir=str(data_dir), batch_size=st.batch_size, seq_len=st.seq_len, seed=seed),
+                    checkpointing=CheckpointConfig(out=str(out_dir / "runs" / f"{size}-n{n}-s{seed}"), eval_every=0,
+                                                   eval_batches=5, log_every=max(1, st.steps // 20)),
+                    runtime=RuntimeConfig(dtype="fp32", chunk_size=None))
                 res = common.train_run(cfg, eval_steps, lambda m: {"name_acc": name_accuracy(m, eval_set)})
                 runs.append({"size": size, "n": n, "seed": seed, "non_embedding_params": res["non_embedding_params"],
                              "name_acc": res["history"][-1]["name_acc"], "history": res["history"],

@@ -145,7 +145,7 @@ def score(model: Any, tok: Any, problems: Sequence[tuple[str, str]], batch: int)
 def run(out_dir: Path, st: Settings, seeds: Sequence[int], scale: str = "default",
         command: str = "mtp experiment polynomial") -> dict[str, Any]:
     """Train every (seed, n) of `st` and score greedy answers; `scale` only labels the results."""
-    from ..train import TrainConfig
+    from ..train import CheckpointConfig, DataConfig, ModelSpec, OptimizerConfig, RuntimeConfig, TrainConfig
 
     t_start = time.perf_counter()
     tok = common.word_tokenizer(vocabulary())
@@ -166,10 +166,13 @@ def run(out_dir: Path, st: Settings, seeds: Sequence[int], scale: str = "default
     # Seed-major, results rewritten after every run (see induction.run).
     for seed in seeds:
         for n in st.n_values:
-            cfg = TrainConfig(data=str(data_dir), out=str(out_dir / "runs" / f"n{n}-s{seed}"), preset=st.model,
-                              model={"n_layers": st.n_layers}, n_future=n, steps=st.steps, batch_size=st.batch_size,
-                              seq_len=st.seq_len, lr=st.lr, warmup=st.warmup, seed=seed, dtype="fp32", eval_every=0,
-                              eval_batches=5, log_every=max(1, st.steps // 20), chunk_size=None)
+            cfg = TrainConfig(
+                model=ModelSpec(preset=st.model, n_future=n, overrides={"n_layers": st.n_layers}),
+                optimizer=OptimizerConfig(steps=st.steps, lr=st.lr, warmup=st.warmup),
+                data=DataConfig(dir=str(data_dir), batch_size=st.batch_size, seq_len=st.seq_len, seed=seed),
+                checkpointing=CheckpointConfig(out=str(out_dir / "runs" / f"n{n}-s{seed}"), eval_every=0,
+                                               eval_batches=5, log_every=max(1, st.steps // 20)),
+                runtime=RuntimeConfig(dtype="fp32", chunk_size=None))
             res = common.train_run(cfg, [], evaluate)
             acc = res["history"][-1]["acc"]
             ind = [acc[str(k)] for k in st.test_ops if k in st.train_ops]
