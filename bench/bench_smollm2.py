@@ -127,20 +127,45 @@ def prepare_data(base: Path, out: Path, max_bytes: int) -> Path:
     return out
 
 
+def self_data(base: Path, corpus: Path, out: Path, args: argparse.Namespace) -> Path:
+    """runs/smollm2/self-data: SmolLM2's own greedy continuations of corpus prompts (bf16, batched),
+    followed by the corpus text itself (`keep_corpus`): at decoding time head 1 reads its own
+    output, so the heads should learn on it, and the corpus keeps the text varied."""
+    from mtp.self_data import write_self_data
+
+    if not (out / "meta.json").is_file():
+        model, _ = load_model(latest_checkpoint(base))
+        start = time.perf_counter()
+        meta = write_self_data(model.to(torch.bfloat16), corpus, out, prompts=args.self_prompts, prompt_len=64,
+                               new_tokens=args.self_tokens, batch_size=32, keep_corpus=True, base=str(base),
+                               progress=True)
+        info = meta["self_data"]
+        print(f"self-data: {info['generated_tokens']:,} generated tokens ({info['prompts']} prompts) in "
+              f"{(time.perf_counter() - start) / 60:.1f} min; {meta['n_train_tokens']:,} train tokens -> {out}",
+              flush=True)
+    return out
+
+
 def train_heads(args: argparse.Namespace) -> None:
+    """The recipe: import, corpus, self-data, then heads 2..4 on the frozen base (its outputs cached
+    once), distilled from head 1's top-32 distribution, scoring a reduced draft vocabulary."""
     from mtp.train import TrainConfig, train
 
-    base = import_base(ROOT / "base")
-    data = prepare_data(base, ROOT / "data", args.max_bytes)
-    cfg = TrainConfig(
-        data=str(data), out=args.checkpoint, init_from=str(latest_checkpoint(base)), n_future=4,
-        trainable="extra_heads", dtype="bf16", steps=args.steps, batch_size=args.batch, seq_len=args.seq_len,
-        lr=args.lr, warmup=max(1, args.steps // 20), eval_every=args.eval_every, eval_batches=args.eval_batches,
-        save_every=20, log_every=5, resume=True, threads=args.threads, targets=args.targets,
-        chunk_size=args.chunk_size, model={"head_type": args.head_type})
     start = time.perf_counter()
+    base = import_base(ROOT / "base")
+    corpus = prepare_data(base, ROOT / "data", args.max_bytes)
+    data = self_data(base, corpus, ROOT / "self-data", args) if args.self_prompts else corpus
+    cfg = TrainConfig.from_dict({
+        "data": str(data), "out": args.checkpoint, "init_from": str(latest_checkpoint(base)), "n_future": 4,
+        "head_type": args.head_type, "trainable": "extra_heads", "dtype": "bf16", "steps": args.steps,
+        "batch_size": args.batch, "seq_len": args.seq_len, "lr": args.lr, "warmup": max(1, args.steps // 20),
+        "eval_every": args.eval_every, "eval_batches": args.eval_batches, "save_every": 50, "log_every": 10,
+        "resume": True, "threads": args.threads, "targets": args.targets, "distill_topk": 32,
+        "base_cache": "auto" if args.base_cache else None, "draft_vocab": args.draft_vocab,
+        "chunk_size": args.chunk_size})
     res = train(cfg)
-    print(f"trained heads 2..4: {res['step']} steps in {(time.perf_counter() - start) / 60:.1f} min -> {res['out']}")
+    print(f"recipe done: {res['step']} steps of heads 2..4; {(time.perf_counter() - start) / 60:.1f} min in all "
+          f"(import, data, self-data, base cache, training) -> {res['out']}")
 
 
 # ----- benchmark ---------------------------------------------------------------------------------
@@ -298,21 +323,31 @@ def mtp_name(mode: str, dtype: str | None) -> str:
 
 
 def main() -> None:
+    global ROOT
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--train", action="store_true", help="import, prepare data and train heads 2..4 (then exit)")
-    p.add_argument("--checkpoint", default=str(ROOT / "heads"), help="mtp checkpoint / run dir (train output)")
-    p.add_argument("--steps", type=int, default=450)
+    p.add_argument("--root", default=str(ROOT), help="directory for the imported model, data, self-data and runs")
+    p.add_argument("--checkpoint", default=None, help="mtp checkpoint / run dir (train output; default ROOT/heads)")
+    p.add_argument("--steps", type=int, default=1200)
     p.add_argument("--batch", type=int, default=8, help="training sequences per step")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--targets", default="self", choices=["self", "data"],
-                   help="self: heads learn SmolLM2's own greedy tokens (self-distillation); data: the corpus")
+    p.add_argument("--targets", default="distill", choices=["distill", "self", "data"],
+                   help="distill: heads learn SmolLM2's own next-token distribution (top 32) at their offset; "
+                        "self: its greedy token; data: the corpus token")
+    p.add_argument("--self-prompts", type=int, default=2048,
+                   help="corpus prompts SmolLM2 continues for the training text (0: corpus text only)")
+    p.add_argument("--self-tokens", type=int, default=128, help="greedy tokens written per self-data prompt")
+    p.add_argument("--draft-vocab", type=int, default=8192, help="heads 2..4 score only this many tokens (0: all)")
+    p.add_argument("--no-base-cache", dest="base_cache", action="store_false",
+                   help="run the frozen base at every step instead of caching its outputs once")
     p.add_argument("--chunk-size", type=int, default=1024, help="positions per cross-entropy chunk")
-    p.add_argument("--head-type", default="parallel", choices=["parallel", "causal"],
-                   help="causal: head i reads head i-1's output (head 2 reads SmolLM2's last hidden state)")
+    p.add_argument("--head-type", default="sequential", choices=["sequential", "parallel", "causal"],
+                   help="sequential: head i reads head i-1's output and the embedding of token t+i-1 "
+                        "(DeepSeek-V3); causal: head i-1's output only; parallel: the trunk's")
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--eval-batches", type=int, default=4)
-    p.add_argument("--max-bytes", type=int, default=12_000_000, help="corpus cap (whole files)")
+    p.add_argument("--max-bytes", type=int, default=6_000_000, help="corpus cap (whole files)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--prompts", type=int, default=16)
@@ -324,6 +359,8 @@ def main() -> None:
     p.add_argument("--json", default=None, help="results file (default runs/smollm2/bench.json)")
     p.add_argument("--show", action="store_true", help="print some HF greedy completions")
     args = p.parse_args()
+    ROOT = Path(args.root)
+    args.checkpoint = args.checkpoint or str(ROOT / "heads")
     torch.set_num_threads(args.threads)
     if args.train:
         train_heads(args)
