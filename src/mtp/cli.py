@@ -311,7 +311,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     stop = () if args.no_stop else (tok.eos_id,)
     stream = TextStream(tok, prompts[0]) if len(prompts) == 1 else None  # one prompt: print as tokens arrive
     res = mode.run(model, ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                   seed=args.seed, stop_tokens=stop, on_tokens=stream, batch_size=args.batch_size)
+                   seed=args.seed, stop_tokens=stop, on_tokens=stream, batch_size=args.batch_size,
+                   compile=args.compile)
     if stream is not None:
         stream.finish()
     else:
@@ -358,6 +359,10 @@ DTYPE_HELP = ("weights and KV cache dtype for decoding: auto (bf16 on CUDA and o
               "fp32 or bf16; speculative output equals greedy in each (default: auto)")
 
 
+COMPILE_HELP = ("run the decoding passes through torch.compile (output unchanged; the first passes of each "
+                "batch size and mode compile, tens of seconds each on a small CPU; see README) (default: off)")
+
+
 def _to_dtype(model: Any, name: str) -> Any:
     from .generate import decode_dtype
 
@@ -385,8 +390,10 @@ def cmd_bench_decode(args: argparse.Namespace) -> None:
     for bs in args.batch_size:
         count = args.requests or max(bs, len(ids))
         requests = (ids * -(-count // len(ids)))[:count]  # prompts repeated as often as needed
-        rows = decode_benchmark(model, requests, args.max_new_tokens, modes, batch_size=bs, repeats=args.repeats)
-        print(f"[{dtype}, {torch_threads()} threads]")
+        rows = decode_benchmark(model, requests, args.max_new_tokens, modes, batch_size=bs, repeats=args.repeats,
+                                compile=args.compile)
+        compiled = f", compiled, warm-up (compiling) {sum(r['warmup_seconds'] for r in rows):.0f} s" if args.compile else ""
+        print(f"[{dtype}, {torch_threads()} threads{compiled}]")
         print(format_table(rows), flush=True)
         table += [{"dtype": dtype, **r, "same_as_greedy": r["matches_greedy"]} for r in rows]
     if args.json:
@@ -611,6 +618,7 @@ def build_parser() -> argparse.ArgumentParser:
     pg.add_argument("--no-stop", action="store_true", help="do not stop at end-of-text")
     pg.add_argument("--device", default="auto", help=DEVICE_HELP)
     pg.add_argument("--dtype", default="auto", choices=DTYPES, help=DTYPE_HELP)
+    pg.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     pg.set_defaults(func=cmd_generate)
 
     pb = sub.add_parser("bench", help="benchmarks")
@@ -633,6 +641,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "heads), lookup<k> (prompt lookup alone), tree, tree:3,2,1 (default: all that fit)")
     pbd.add_argument("--device", default="auto", help=DEVICE_HELP)
     pbd.add_argument("--dtype", default="auto", choices=DTYPES, help=DTYPE_HELP)
+    pbd.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     pbd.set_defaults(func=cmd_bench_decode)
 
     pxp = sub.add_parser("experiment", help="run one of the paper's small-scale studies")

@@ -82,17 +82,17 @@ class ModelTimer:
 
 
 def time_mode(model: MTPModel, mode: DecodeMode, prompts: list[list[int]], max_new_tokens: int,
-              batch_size: int) -> ModeRun:
+              batch_size: int, compile: bool = False) -> ModeRun:
     with ModelTimer(model) as timer:
         start = time.perf_counter()
-        result = mode.run(model, prompts, max_new_tokens, batch_size=batch_size)
+        result = mode.run(model, prompts, max_new_tokens, batch_size=batch_size, compile=compile)
         seconds = time.perf_counter() - start
     return ModeRun(result, seconds, timer.seconds)
 
 
 def decode_benchmark(model: MTPModel, prompts: list[list[int]], max_new_tokens: int,
                      modes: Sequence[str | DecodeMode], batch_size: int = 1, *, repeats: int = 1,
-                     warmup_tokens: int | None = None) -> list[dict[str, Any]]:
+                     warmup_tokens: int | None = None, compile: bool = False) -> list[dict[str, Any]]:
     """Decode the same prompts with plain greedy and each mode (a DecodeMode or its `parse_mode`
     spelling), `batch_size` rows at a time with continuous batching; one row per mode (greedy
     first): mode, batch, tokens, seconds, tokens_per_s, tokens_per_forward, speedup (vs greedy
@@ -103,25 +103,31 @@ def decode_benchmark(model: MTPModel, prompts: list[list[int]], max_new_tokens: 
     compute is the limit). Every mode is warmed up first on the first batch of prompts, for
     `warmup_tokens` (default: max_new_tokens, so that no timed run meets a shape, e.g. a key
     length, for the first time: measured, a greedy run timed right after an 8-token warm-up took
-    1.5x as long as one after a full warm-up); timings are the best of `repeats`, modes interleaved."""
+    1.5x as long as one after a full warm-up); timings are the best of `repeats`, modes interleaved.
+    `compile`: every mode's decoding passes run through torch.compile (`mtp.compiled`); the
+    warm-up compiles them, and each row's `warmup_seconds` (its warm-up's wall time) includes compiling."""
     asked = [m if isinstance(m, DecodeMode) else parse_mode(m) for m in modes]
     plan = list(dict.fromkeys([DecodeMode()] + asked))  # greedy first, each mode once
     for mode in plan:
         mode.check(model)  # fail before timing anything
+    warmups: dict[DecodeMode, float] = {}
     for mode in plan:
         warm = max_new_tokens if warmup_tokens is None else min(warmup_tokens, max_new_tokens)
-        mode.run(model, prompts[:batch_size], warm, batch_size=batch_size)
+        start = time.perf_counter()
+        mode.run(model, prompts[:batch_size], warm, batch_size=batch_size, compile=compile)
+        warmups[mode] = time.perf_counter() - start
     runs: dict[DecodeMode, ModeRun] = {}
     for _ in range(max(1, repeats)):
         for mode in plan:
-            out = time_mode(model, mode, prompts, max_new_tokens, batch_size)
+            out = time_mode(model, mode, prompts, max_new_tokens, batch_size, compile)
             if mode not in runs or out.seconds < runs[mode].seconds:
                 runs[mode] = out
     for mode in plan:  # counted apart: the counter slows the run down
-        with FlopCounterMode(display=False) as counter:
+        with FlopCounterMode(display=False) as counter:  # eager: compiled graphs hide their matmuls
             time_mode(model, mode, prompts, max_new_tokens, batch_size)
         runs[mode].flops = float(counter.get_total_flops())
-    return [benchmark_row(str(mode), runs[mode], runs[plan[0]], batch_size) for mode in plan]
+    return [{**benchmark_row(str(mode), runs[mode], runs[plan[0]], batch_size), "compiled": compile,
+             "warmup_seconds": warmups[mode]} for mode in plan]
 
 
 def benchmark_row(name: str, run: ModeRun, greedy: ModeRun, batch_size: int) -> dict[str, Any]:

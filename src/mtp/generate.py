@@ -21,6 +21,7 @@ from typing import Callable, Collection, Sequence
 import torch
 from torch import Tensor
 
+from .compiled import compiled_decoding, eager
 from .model import MTPModel
 
 TokenCallback = Callable[[list[list[int]]], None]
@@ -219,7 +220,8 @@ def prefill(model: MTPModel, tokens: Tensor, lengths: Tensor, *, heads: int = 1,
     for start in range(0, T, chunk_size):
         stop = min(T, start + chunk_size)
         positions = torch.arange(start, stop, device=tokens.device).expand(B, -1)
-        logits = model(tokens[:, start:stop], positions, heads=heads, rows=rows)
+        with eager(model):  # never compiled: the lengths vary with the prompts
+            logits = model(tokens[:, start:stop], positions, heads=heads, rows=rows)
         if out is None:
             out = logits.new_empty(B, heads, logits.shape[-1])
         ends = ((last >= start) & (last < stop)).nonzero().squeeze(-1)  # rows whose prompt ends here
@@ -355,16 +357,26 @@ def prefill_rows(model: MTPModel, state: RowState, rows: Sequence[int], heads: i
 def generate(model: MTPModel, prompts: list[list[int]], max_new_tokens: int, *,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              seed: int | None = None, stop_tokens: Collection[int] = (),
-             on_tokens: TokenCallback | None = None, batch_size: int | None = None) -> GenerationResult:
+             on_tokens: TokenCallback | None = None, batch_size: int | None = None,
+             compile: bool = False) -> GenerationResult:
     """Decode prompts with the KV cache, one token per row per forward, using head 1 only.
 
     Greedy when temperature == 0. `on_tokens` gets, after each pass, the list of new tokens of
     every prompt. A row stops after a stop token (kept in its output) or `max_new_tokens`, or when
     it fills the context. With `batch_size` below the number of prompts, that many rows decode at
     once and a finished row takes the next prompt (continuous batching); by default all prompts
-    form one batch. Sets up (replaces) the model's KV cache."""
+    form one batch. `compile`: the decoding steps run through torch.compile (`mtp.compiled`).
+    Sets up (replaces) the model's KV cache."""
     check_prompts(model, prompts, max_new_tokens)
     check_sampling(temperature, top_k, top_p)
+    with compiled_decoding(model, compile):
+        return _generate(model, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_tokens, on_tokens,
+                         batch_size)
+
+
+def _generate(model: MTPModel, prompts: list[list[int]], max_new_tokens: int, temperature: float,
+              top_k: int | None, top_p: float | None, seed: int | None, stop_tokens: Collection[int],
+              on_tokens: TokenCallback | None, batch_size: int | None) -> GenerationResult:
     limits = token_limits(model, prompts, max_new_tokens)
     state = RowState(prompts, limits, stop_tokens, batch_size)
     state.refill()

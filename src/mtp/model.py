@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
@@ -249,9 +249,11 @@ def _batched_blocks(flat: Tensor, weight: Tensor, bias: Tensor | None, most: int
     return out.reshape(blocks * most, -1)[:m]
 
 
-def invariant_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """F.linear computed in row blocks, so each output row is bitwise independent of the others."""
-    most, fewest, batched = row_block(weight, bias)
+def invariant_linear(x: Tensor, weight: Tensor, bias: Tensor | None,
+                     blocks: tuple[int, int, bool] | None = None) -> Tensor:
+    """F.linear computed in row blocks, so each output row is bitwise independent of the others.
+    `blocks`: the weight's `row_block`, when already known (a compiled forward must not calibrate)."""
+    most, fewest, batched = row_block(weight, bias) if blocks is None else blocks
     flat = x.reshape(-1, x.shape[-1])
     m = flat.shape[0]
     if fewest <= m <= most:
@@ -271,10 +273,11 @@ class Linear(nn.Linear):
     """nn.Linear that switches to `invariant_linear` while the model decodes with its KV cache."""
 
     invariant = False
+    blocks: tuple[int, int, bool] | None = None  # row_block of the weight, set with `invariant`
 
     def forward(self, x: Tensor) -> Tensor:
         if self.invariant:
-            return invariant_linear(x, self.weight, self.bias)
+            return invariant_linear(x, self.weight, self.bias, self.blocks)
         return F.linear(x, self.weight, self.bias)
 
 
@@ -338,7 +341,8 @@ class Attention(nn.Module):
         self.wo = Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.bias)
         self.cache_k: Tensor | None = None  # (B, L, H_kv, hd), set by MTPModel.setup_cache
         self.cache_v: Tensor | None = None
-        self.fused: tuple[Tensor, Tensor | None] | None = None  # [wq; wk; wv] while decoding (see `fuse`)
+        # [wq; wk; wv], its bias and its row_block while decoding (see `fuse`)
+        self.fused: tuple[Tensor, Tensor | None, tuple[int, int, bool]] | None = None
 
     def fuse(self, on: bool) -> None:
         """While decoding, q/k/v come from one matmul over the stacked weights (a copy): fewer,
@@ -347,7 +351,8 @@ class Attention(nn.Module):
         if on:
             lin = (self.wq, self.wk, self.wv)
             bias = torch.cat([m.bias for m in lin]).detach() if self.wq.bias is not None else None  # type: ignore[misc]
-            self.fused = (torch.cat([m.weight for m in lin]).detach(), bias)
+            weight = torch.cat([m.weight for m in lin]).detach()
+            self.fused = (weight, bias, row_block(weight, bias))
 
     def forward(self, x: Tensor, rope: tuple[Tensor, ...], ctx: "CacheContext | None") -> Tensor:
         B, S, _ = x.shape
@@ -377,26 +382,66 @@ class Attention(nn.Module):
         return self.wo(out.transpose(1, 2).reshape(B, S, -1))
 
     def cached_attention(self, q: Tensor, ctx: "CacheContext") -> Tensor:
-        """Attention of queries q (B, S, H, hd) over the cache, (B * S, H, hd); see `key_length`.
-
-        SDPA rounds a query differently depending on how many queries share the call (rarely, by
-        one bf16 ulp: measured on 1 of 255 to 22 of 1023 key lengths), so every query gets a call
-        of its own: queries fold into the batch, each row of keys repeated per query."""
+        """Attention of queries q (B, S, H, hd) over the cache, (B * S, H, hd); see `key_length`
+        and `grouped_attention`. Without precomputed groups (a compiled forward, which must not
+        sync with the host) the grouping happens inside the opaque op `mtp::cached_attention`."""
         assert self.cache_k is not None and self.cache_v is not None
         B, S = q.shape[:2]
-        rows = slice(0, B) if ctx.leading else ctx.rows[:, 0]
         q = q.reshape(B * S, 1, self.n_heads, self.head_dim).transpose(1, 2)
         q = q.expand(-1, -1, ctx.bias.shape[2], -1)  # sdpa_queries copies of each query
-        gqa = self.n_kv_heads != self.n_heads
-        out = q.new_empty(B * S, self.n_heads, self.head_dim)
-        for index, own, length in ctx.groups:
-            # The same ops whether a group holds every query or some (a query must not round
-            # differently because another one, elsewhere in the pass, needs more keys).
-            keys = self.cache_k[rows, :length][own].transpose(1, 2).to(q.dtype)
-            values = self.cache_v[rows, :length][own].transpose(1, 2).to(q.dtype)
-            out[index] = F.scaled_dot_product_attention(
-                q[index], keys, values, attn_mask=ctx.bias[index, ..., :length], enable_gqa=gqa)[:, :, 0]
-        return out
+        if ctx.groups is None:
+            assert ctx.lengths is not None
+            return torch.ops.mtp.cached_attention(q, self.cache_k, self.cache_v, ctx.bias, ctx.lengths,
+                                                  ctx.rows[:, 0], ctx.leading, S)
+        rows = slice(0, B) if ctx.leading else ctx.rows[:, 0]
+        return grouped_attention(q, self.cache_k, self.cache_v, ctx.bias, ctx.groups, rows)
+
+
+def grouped_attention(q: Tensor, cache_k: Tensor, cache_v: Tensor, bias: Tensor,
+                      groups: Sequence[tuple[Tensor, Tensor, int]], rows: slice | Tensor) -> Tensor:
+    """Queries q (B * S, H, sdpa_queries, hd) over the cache rows `rows`: one SDPA call per group
+    of queries that share a key length (`CacheContext.groups`), (B * S, H, hd).
+
+    SDPA rounds a query differently depending on how many queries share the call (rarely, by
+    one bf16 ulp: measured on 1 of 255 to 22 of 1023 key lengths), so every query gets a call
+    of its own: queries fold into the batch, each row of keys repeated per query."""
+    gqa = cache_k.shape[2] != q.shape[1]
+    out = q.new_empty(q.shape[0], q.shape[1], q.shape[3])
+    for index, own, length in groups:
+        # The same ops whether a group holds every query or some (a query must not round
+        # differently because another one, elsewhere in the pass, needs more keys).
+        keys = cache_k[rows, :length][own].transpose(1, 2).to(q.dtype)
+        values = cache_v[rows, :length][own].transpose(1, 2).to(q.dtype)
+        out[index] = F.scaled_dot_product_attention(
+            q[index], keys, values, attn_mask=bias[index, ..., :length], enable_gqa=gqa)[:, :, 0]
+    return out
+
+
+def key_groups(lengths: Tensor, S: int) -> list[tuple[Tensor, Tensor, int]]:
+    """Queries (flat index b * S + s) grouped by key length: (query indices, each one's input
+    row, key length). One host sync: the distinct lengths."""
+    lo, hi = lengths.aminmax()
+    if bool(lo == hi):  # the usual case: every query needs the same keys
+        every = torch.arange(lengths.shape[0], device=lengths.device)
+        return [(every, every // S, int(lo))]
+    distinct = lengths.unique().tolist()
+    indices = [(lengths == n).nonzero().squeeze(1) for n in distinct]
+    return [(index, index // S, n) for index, n in zip(indices, distinct)]
+
+
+@torch.library.custom_op("mtp::cached_attention", mutates_args=())
+def _cached_attention_op(q: Tensor, cache_k: Tensor, cache_v: Tensor, bias: Tensor, lengths: Tensor,
+                         rows: Tensor, leading: bool, S: int) -> Tensor:
+    """`grouped_attention` with the grouping done here, at run time: a compiled forward keeps its
+    shapes static (the keys attended vary with the positions) and never syncs with the host."""
+    return grouped_attention(q, cache_k, cache_v, bias, key_groups(lengths, S),
+                             slice(0, rows.shape[0]) if leading else rows)
+
+
+@_cached_attention_op.register_fake
+def _(q: Tensor, cache_k: Tensor, cache_v: Tensor, bias: Tensor, lengths: Tensor, rows: Tensor,
+      leading: bool, S: int) -> Tensor:
+    return q.new_empty(q.shape[0], q.shape[1], q.shape[3])
 
 
 class FeedForward(nn.Module):
@@ -407,14 +452,15 @@ class FeedForward(nn.Module):
         self.w1 = Linear(cfg.dim, cfg.ffn_dim, bias=cfg.bias)
         self.w2 = Linear(cfg.ffn_dim, cfg.dim, bias=cfg.bias)
         self.w3 = Linear(cfg.dim, cfg.ffn_dim, bias=cfg.bias) if cfg.mlp == "swiglu" else None
-        self.fused: tuple[Tensor, Tensor | None] | None = None  # [w1; w3] while decoding
+        self.fused: tuple[Tensor, Tensor | None, tuple[int, int, bool]] | None = None  # [w1; w3] while decoding
 
     def fuse(self, on: bool) -> None:
         """As Attention.fuse: w1 and w3 as one matmul while decoding."""
         self.fused = None
         if on and self.w3 is not None:
             bias = torch.cat([self.w1.bias, self.w3.bias]).detach() if self.w1.bias is not None else None
-            self.fused = (torch.cat([self.w1.weight, self.w3.weight]).detach(), bias)
+            weight = torch.cat([self.w1.weight, self.w3.weight]).detach()
+            self.fused = (weight, bias, row_block(weight, bias))
 
     def forward(self, x: Tensor) -> Tensor:
         if self.w3 is None:
@@ -479,8 +525,10 @@ class CacheContext:
     # (B * S, 1, sdpa_queries, cache_len), query (b, s) at row b * S + s.
     bias: Tensor
     # Queries grouped by their number of keys (`key_length`), made once per pass: (query indices
-    # into B * S, each one's input row, key length). One SDPA call per group and layer.
-    groups: list[tuple[Tensor, Tensor, int]] = field(default_factory=list)
+    # into B * S, each one's input row, key length). One SDPA call per group and layer. None in a
+    # compiled forward: the attention op groups `lengths` (B * S,) itself (see `key_groups`).
+    groups: list[tuple[Tensor, Tensor, int]] | None = None
+    lengths: Tensor | None = None
     leading: bool = True  # rows are 0..B-1, so reads can slice the cache instead of gathering
 
 
@@ -576,6 +624,9 @@ class MTPModel(nn.Module):
         self.cache_len = 0
         self.draft_stack: DraftStack | None = None  # set by setup_cache for parallel heads
         self.cache_dtype = torch.float32
+        # While decoding with --compile: the torch.compile'd passes (mtp.compiled.CompiledPasses),
+        # which the cached methods below hand their decoding calls to; None otherwise.
+        self.compiled: Any = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -648,6 +699,12 @@ class MTPModel(nn.Module):
         """Head i (0-based) alone, with the KV cache, on its input x (B, S, dim) at input_pos
         (B, S) writing `slots` (causal mask); `emb`: the tokens ahead, for a sequential head.
         What drafters call between verify passes."""
+        if self.compiled is not None and rows is None:
+            return self.compiled.cached_head(self, i, x, emb, input_pos, slots)
+        return self._cached_head(i, x, emb, input_pos, slots, rows)
+
+    def _cached_head(self, i: int, x: Tensor, emb: Tensor | None, input_pos: Tensor, slots: Tensor,
+                     rows: Tensor | None = None) -> Tensor:
         ctx = self.cache_context(x[..., 0], input_pos, slots, None, rows)
         return self.run_head(i, x, self.rope(input_pos), ctx, emb=emb)
 
@@ -670,6 +727,11 @@ class MTPModel(nn.Module):
         return [outs[i] for i in range(n)]
 
     def unembed(self, h: Tensor) -> Tensor:
+        if self.compiled is not None:
+            return self.compiled.unembed(self, h)
+        return self._unembed(h)
+
+    def _unembed(self, h: Tensor) -> Tensor:
         return self.output(self.norm(h))
 
     # ----- draft vocabulary -------------------------------------------------------------------
@@ -724,7 +786,7 @@ class MTPModel(nn.Module):
         distribution q (zero outside the draft vocabulary)."""
         if self.draft_ids is None:
             return self.unembed(h)
-        small = self.draft_logits(h)
+        small = self.draft_logits(h)  # eager (also when compiled): the draft rows are cached by address
         out = small.new_full((*small.shape[:-1], self.cfg.vocab_size), float("-inf"))
         return out.index_copy_(-1, self.draft_ids, small)
 
@@ -749,6 +811,12 @@ class MTPModel(nn.Module):
                         mask: Tensor | None = None, heads: int | None = None,
                         rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """`hidden` plus the trunk output z (B, T, dim) it started from."""
+        if self.compiled is not None and input_pos is not None and rows is None:
+            return self.compiled.trunk_and_heads(self, tokens, input_pos, slots, mask, heads)
+        return self._trunk_and_heads(tokens, input_pos, slots, mask, heads, rows)
+
+    def _trunk_and_heads(self, tokens: Tensor, input_pos: Tensor | None, slots: Tensor | None,
+                         mask: Tensor | None, heads: int | None, rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
         if input_pos is None:
             if tokens.shape[1] > self.cfg.max_seq_len:
                 raise ConfigError(f"sequence of {tokens.shape[1]} tokens exceeds max_seq_len={self.cfg.max_seq_len}")
@@ -767,6 +835,12 @@ class MTPModel(nn.Module):
         computed at input_pos (causal mask), given the earlier heads' outputs `done`; returns
         (B, T, heads - len(done), dim). Speculative decoding verifies with head 1 at every draft
         node and runs the draft heads afterwards on the accepted tokens only."""
+        if self.compiled is not None:
+            return self.compiled.later_heads(self, z, list(done), input_pos, heads, slots)
+        return self._later_heads(z, done, input_pos, heads, slots)
+
+    def _later_heads(self, z: Tensor, done: Sequence[Tensor], input_pos: Tensor, heads: int,
+                     slots: Tensor | None = None) -> Tensor:
         ctx = self.cache_context(z[..., 0], input_pos, slots, None)
         if self.draft_stack is not None and len(done) == 1 and heads == self.cfg.n_future:
             return self.draft_stack(z, self.rope(input_pos), ctx)
@@ -796,6 +870,14 @@ class MTPModel(nn.Module):
             self.draft_stack = DraftStack(list(self.heads)[1:], self.cfg, shape, dtype, device)  # type: ignore[arg-type]
         self.set_invariant(True)
         self.cache_batch, self.cache_len = max_batch, length
+        if self.compiled is not None:  # compiled passes: one graph for every cache length
+            for m in self.modules():
+                if isinstance(m, Attention):
+                    torch._dynamo.mark_dynamic(m.cache_k, 1)
+                    torch._dynamo.mark_dynamic(m.cache_v, 1)
+            if self.draft_stack is not None:
+                torch._dynamo.mark_dynamic(self.draft_stack.cache_k, 2)
+                torch._dynamo.mark_dynamic(self.draft_stack.cache_v, 2)
 
     def clear_cache(self) -> None:
         for m in self.modules():
@@ -808,38 +890,50 @@ class MTPModel(nn.Module):
     def set_invariant(self, on: bool) -> None:
         """Batch-invariant matmuls (slower for many rows) and fused q/k/v and w1/w3 weights (a
         copy of those weights) on or off; on while a cache is set up."""
+        fused: set[int] = set()  # linears that the fused q/k/v and w1/w3 weights stand in for
+        for m in self.modules():
+            if isinstance(m, (Attention, FeedForward)):
+                m.fuse(on)
+                if m.fused is not None:
+                    parts = (m.wq, m.wk, m.wv) if isinstance(m, Attention) else (m.w1, m.w3)
+                    fused.update(map(id, parts))
         for m in self.modules():
             if isinstance(m, Linear):
+                # Each weight's row blocks measured now (once per shape), not inside a forward.
                 m.invariant = on
-            elif isinstance(m, (Attention, FeedForward)):
-                m.fuse(on)
+                m.blocks = row_block(m.weight, m.bias) if on and id(m) not in fused else None
 
     def cache_context(self, tokens: Tensor, input_pos: Tensor, slots: Tensor | None,
                       mask: Tensor | None, rows: Tensor | None = None) -> CacheContext:
         B, S = tokens.shape
-        if self.cache_len == 0:  # clear_cache() resets it too
-            raise ConfigError("KV cache not set up: call model.setup_cache(max_batch, max_len) first")
-        if B > self.cache_batch:
-            raise ConfigError(f"batch of {B} exceeds the cache's max_batch={self.cache_batch}")
+        if torch.compiler.is_compiling():
+            # The cache length from the cache itself, a dynamic size (see setup_cache): a compiled
+            # pass neither checks nor specialises on the ints (the eager passes before it checked).
+            kv_len = next(m for m in self.modules() if isinstance(m, Attention)).cache_k.shape[1]  # type: ignore[union-attr]
+        else:
+            kv_len = self.cache_len
+            if self.cache_len == 0:  # clear_cache() resets it too
+                raise ConfigError("KV cache not set up: call model.setup_cache(max_batch, max_len) first")
+            if B > self.cache_batch:
+                raise ConfigError(f"batch of {B} exceeds the cache's max_batch={self.cache_batch}")
         # No checks of slot values here (indexing past the cache raises anyway); the one host
         # sync per pass is the grouping of queries by key length below.
         slots = input_pos if slots is None else slots
         if mask is None:
-            mask = causal_cache_mask(input_pos, self.cache_len)
-        elif mask.shape[-1] != self.cache_len:
-            raise ConfigError(f"mask covers {mask.shape[-1]} cache slots, the cache has {self.cache_len}")
+            mask = causal_cache_mask(input_pos, kv_len)
+        elif mask.shape[-1] != kv_len:
+            raise ConfigError(f"mask covers {mask.shape[-1]} cache slots, the cache has {kv_len}")
         leading = rows is None
         rows = torch.arange(B, device=tokens.device) if rows is None else rows
         bias = torch.zeros(mask.shape, dtype=self.cache_dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
         bias = bias.reshape(B * S, 1, 1, -1).expand(-1, -1, sdpa_queries(self.cache_dtype), -1)
         # One host sync per pass (not per layer): which queries share a key length. Positions
-        # past the cache (padding of finished rows) are capped; no real token gets there.
-        lengths = key_length(input_pos).clamp(max=self.cache_len).reshape(-1)
-        distinct = lengths.unique().tolist()
-        every = torch.arange(B * S, device=tokens.device)
-        indices = [every] if len(distinct) == 1 else [(lengths == n).nonzero().squeeze(1) for n in distinct]
-        groups = [(index, index // S, n) for index, n in zip(indices, distinct)]
-        return CacheContext(rows=rows[:, None], slots=slots, bias=bias, groups=groups, leading=leading)
+        # past the cache (padding of finished rows) are capped; no real token gets there. A
+        # compiled forward leaves the grouping to the attention op (once per layer).
+        lengths = key_length(input_pos).clamp(max=kv_len).reshape(-1)
+        groups = None if torch.compiler.is_compiling() else key_groups(lengths, S)
+        return CacheContext(rows=rows[:, None], slots=slots, bias=bias, groups=groups, lengths=lengths,
+                            leading=leading)
 
     def cache_move(self, rows: Tensor, src: Tensor, dst: Tensor) -> None:
         """Copy cached keys/values from slots `src` to slots `dst` (both (B, K)) for rows (B, 1):

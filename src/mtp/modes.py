@@ -99,18 +99,20 @@ class DecodeMode:
     def run(self, model: MTPModel, prompts: list[list[int]], max_new_tokens: int, *,
             batch_size: int | None = None, temperature: float = 0.0, top_k: int | None = None,
             top_p: float | None = None, seed: int | None = None, stop_tokens: Collection[int] = (),
-            on_tokens: TokenCallback | None = None) -> GenerationResult:
-        """Decode `prompts` in this mode; arguments as in `generate` (the decoders check the rest)."""
+            on_tokens: TokenCallback | None = None, compile: bool = False) -> GenerationResult:
+        """Decode `prompts` in this mode; arguments as in `generate` (the decoders check the rest);
+        `compile`: the decoding passes run through torch.compile (`mtp.compiled`)."""
         self.check_temperature(temperature)
         if self.kind == "plain":
             return generate(model, prompts, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                            seed=seed, stop_tokens=stop_tokens, on_tokens=on_tokens, batch_size=batch_size)
+                            seed=seed, stop_tokens=stop_tokens, on_tokens=on_tokens, batch_size=batch_size,
+                            compile=compile)
         if self.kind == "tree":
             return tree_generate(model, prompts, max_new_tokens, tree=self.widths, stop_tokens=stop_tokens,
-                                 on_tokens=on_tokens, batch_size=batch_size)
+                                 on_tokens=on_tokens, batch_size=batch_size, compile=compile)
         return speculative_generate(model, prompts, max_new_tokens, k=self.k, temperature=temperature, top_k=top_k,
                                     top_p=top_p, seed=seed, stop_tokens=stop_tokens, on_tokens=on_tokens,
-                                    batch_size=batch_size, drafter=self.drafter)
+                                    batch_size=batch_size, drafter=self.drafter, compile=compile)
 
 
 def parse_mode(text: str) -> DecodeMode:

@@ -39,6 +39,7 @@ from .generate import (
     check_sampling, commit_rows, make_generator, pad_prompts, prefill_rows, sampling_probs, scratch_slots,
     setup_decode_cache, token_limits,
 )
+from .compiled import compiled_decoding, eager, is_compiled
 from .lookup import NGramIndex
 from .model import QUERY_SLACK, MTPModel
 
@@ -256,6 +257,8 @@ def verify_forward(model: MTPModel, tree: DraftTree, tables: TreeTables, block: 
     decides what is accepted, and the draft heads are needed only on the accepted path
     (`draft_hidden`), so running them on every node would be wasted work."""
     mask = None if tree.is_chain else tree_mask(block, tables.ancestors, model.cache_len)
+    if mask is not None and is_compiled(model):
+        torch._dynamo.mark_dynamic(mask, 2)  # as long as the cache: a dynamic size when compiled
     heads = min(tree.depth + 1, model.cfg.n_future) if model.cfg.head_type == "anticausal" else 1
     return model.trunk_and_heads(nodes, block.positions, slots=block.slots, mask=mask, heads=heads)
 
@@ -270,7 +273,10 @@ def draft_hidden(dec: "Decoder", block: Block, z: Tensor, hidden: Tensor, best: 
     rows = torch.arange(z.shape[0], device=z.device)
     if hidden.shape[2] > 1:  # anticausal: every head ran at every node
         return hidden[rows, best, 1:]
-    length = int(accepted[block.active].max()) + 1 if bool(block.active.any()) else 1
+    if is_compiled(dec.model):  # one shape per batch: the longest path, every time
+        length = dec.tree.depth + 1
+    else:
+        length = int(accepted[block.active].max()) + 1 if bool(block.active.any()) else 1
     path = dec.tables.path[best][:, :length]  # (B, L) nodes of the accepted path (padded with the last)
     gather = path[:, :, None].expand(-1, -1, z.shape[-1])
     positions = block.base[:, None] + torch.arange(length, device=z.device)
@@ -307,6 +313,10 @@ class SequentialDrafter:
     def prefill(self, rows: Sequence[int]) -> Tensor:
         """Prefill the prompts of `rows` (head 1 only), then draft: logits (R, depth+1, V), head
         1's at each prompt's last token followed by the drafts after its greedy token."""
+        with eager(self.model):  # prompt lengths vary: never compiled
+            return self._prefill(rows)
+
+    def _prefill(self, rows: Sequence[int]) -> Tensor:
         model, device = self.model, self.hidden.device
         tokens, lengths = pad_prompts(self.state.prompts_of(rows), device)
         index = torch.tensor(list(rows), device=device)
@@ -347,7 +357,10 @@ class SequentialDrafter:
         out = []
         for j in range(1, self.depth + 1):
             first = (start - (j - 1)).clamp(min=0)  # (R,)
-            span = int((last - first).max()) + 1
+            if is_compiled(model):  # one shape per head and batch: the widest window after a verify pass
+                span = self.depth + j
+            else:
+                span = int((last - first).max()) + 1
             pos = first[:, None] + torch.arange(span, device=device)
             slots = scratch_slots(pos, self.cache_len)
             x = self.hidden[j - 1, index[:, None], slots]
@@ -536,10 +549,18 @@ def pick_greedy(logits: Tensor) -> tuple[Tensor, Tensor]:
 @torch.no_grad()
 def greedy_tree_decode(model: MTPModel, prompts: list[list[int]], max_new_tokens: int, tree: DraftTree, *,
                        stop_tokens: Collection[int] = (), on_tokens: TokenCallback | None = None,
-                       batch_size: int | None = None, drafter: str = "heads") -> SpeculativeResult:
+                       batch_size: int | None = None, drafter: str = "heads",
+                       compile: bool = False) -> SpeculativeResult:
     """Greedy self-speculative decoding with any draft tree (a chain is the 1-wide tree).
     `batch_size`: continuous batching as in `generate`; `drafter`: see DRAFTERS (chains only
-    for prompt lookup)."""
+    for prompt lookup); `compile`: as in `generate`."""
+    with compiled_decoding(model, compile):
+        return _greedy_tree_decode(model, prompts, max_new_tokens, tree, stop_tokens, on_tokens, batch_size, drafter)
+
+
+def _greedy_tree_decode(model: MTPModel, prompts: list[list[int]], max_new_tokens: int, tree: DraftTree,
+                        stop_tokens: Collection[int], on_tokens: TokenCallback | None, batch_size: int | None,
+                        drafter: str) -> SpeculativeResult:
     dec, logits = start_decoder(model, prompts, max_new_tokens, tree, stop_tokens, on_tokens, batch_size, drafter)
     if logits is None:
         return dec.stats.finish(dec.state)
@@ -553,14 +574,16 @@ def speculative_generate(model: MTPModel, prompts: list[list[int]], max_new_toke
                          k: int | None = None, temperature: float = 0.0, top_k: int | None = None,
                          top_p: float | None = None, seed: int | None = None,
                          stop_tokens: Collection[int] = (), on_tokens: TokenCallback | None = None,
-                         batch_size: int | None = None, drafter: str = "heads") -> SpeculativeResult:
+                         batch_size: int | None = None, drafter: str = "heads",
+                         compile: bool = False) -> SpeculativeResult:
     """Self-speculative decoding with k drafts from heads 2..k+1 (default n_future - 1).
 
     temperature == 0: greedy blockwise parallel decoding, the same tokens as greedy `generate` in
     fewer forwards. temperature > 0: `speculative_sample`, distributed exactly as `generate` with
     the same temperature / top_k / top_p. `batch_size`: continuous batching as in `generate`.
     `drafter` (greedy only): "heads", "lookup" (prompt lookup, `mtp.lookup`: works for any model,
-    k defaults to 3) or "both" (lookup where the text's suffix occurred before, else the heads)."""
+    k defaults to 3) or "both" (lookup where the text's suffix occurred before, else the heads).
+    `compile`: the decoding passes run through torch.compile (`mtp.compiled`)."""
     if temperature != 0 and drafter != "heads":
         raise GenerationError("prompt lookup drafts are verified greedily; use temperature 0")
     if drafter == "lookup":
@@ -568,23 +591,24 @@ def speculative_generate(model: MTPModel, prompts: list[list[int]], max_new_toke
         if k < 1:
             raise GenerationError(f"k must be >= 1 drafts, got k={k}")
         return greedy_tree_decode(model, prompts, max_new_tokens, DraftTree.chain(k), stop_tokens=stop_tokens,
-                                  on_tokens=on_tokens, batch_size=batch_size, drafter=drafter)
+                                  on_tokens=on_tokens, batch_size=batch_size, drafter=drafter, compile=compile)
     if temperature != 0:
         return speculative_sample(model, prompts, max_new_tokens, k=k, temperature=temperature, top_k=top_k,
                                   top_p=top_p, seed=seed, stop_tokens=stop_tokens, on_tokens=on_tokens,
-                                  batch_size=batch_size)
-    return greedy_tree_decode(model, prompts, max_new_tokens, chain_for(model, k),
-                              stop_tokens=stop_tokens, on_tokens=on_tokens, batch_size=batch_size, drafter=drafter)
+                                  batch_size=batch_size, compile=compile)
+    return greedy_tree_decode(model, prompts, max_new_tokens, chain_for(model, k), stop_tokens=stop_tokens,
+                              on_tokens=on_tokens, batch_size=batch_size, drafter=drafter, compile=compile)
 
 
 def tree_generate(model: MTPModel, prompts: list[list[int]], max_new_tokens: int, *,
                   tree: DraftTree | Sequence[int] | None = None, stop_tokens: Collection[int] = (),
-                  on_tokens: TokenCallback | None = None, batch_size: int | None = None) -> SpeculativeResult:
+                  on_tokens: TokenCallback | None = None, batch_size: int | None = None,
+                  compile: bool = False) -> SpeculativeResult:
     """Greedy Medusa-style tree decoding; `tree` is a DraftTree or per-depth widths such as
     (3, 2, 1) (default: DEFAULT_TREE fitted to the model). Same tokens as greedy `generate`."""
     tree = default_tree(model.cfg.n_future) if tree is None else as_tree(tree)
     return greedy_tree_decode(model, prompts, max_new_tokens, tree, stop_tokens=stop_tokens, on_tokens=on_tokens,
-                              batch_size=batch_size)
+                              batch_size=batch_size, compile=compile)
 
 
 # ----- speculative sampling (chain) -------------------------------------------------------------
@@ -652,11 +676,18 @@ def speculative_sample(model: MTPModel, prompts: list[list[int]], max_new_tokens
                        k: int | None = None, temperature: float = 1.0, top_k: int | None = None,
                        top_p: float | None = None, seed: int | None = None,
                        stop_tokens: Collection[int] = (), on_tokens: TokenCallback | None = None,
-                       batch_size: int | None = None) -> SpeculativeResult:
+                       batch_size: int | None = None, compile: bool = False) -> SpeculativeResult:
     """Speculative sampling with k drafts from heads 2..k+1: the output is distributed exactly as
     `generate` with the same temperature / top_k / top_p (temperature 0 gives greedy tokens)."""
     check_sampling(temperature, top_k, top_p)
-    sampling = Sampling(temperature, top_k, top_p)
+    with compiled_decoding(model, compile):
+        return _speculative_sample(model, prompts, max_new_tokens, k, Sampling(temperature, top_k, top_p), seed,
+                                   stop_tokens, on_tokens, batch_size)
+
+
+def _speculative_sample(model: MTPModel, prompts: list[list[int]], max_new_tokens: int, k: int | None,
+                        sampling: Sampling, seed: int | None, stop_tokens: Collection[int],
+                        on_tokens: TokenCallback | None, batch_size: int | None) -> SpeculativeResult:
     dec, logits = start_decoder(model, prompts, max_new_tokens, chain_for(model, k), stop_tokens, on_tokens,
                                 batch_size)
     if logits is None:
