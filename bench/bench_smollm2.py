@@ -337,10 +337,10 @@ def main() -> None:
     p.add_argument("--train", action="store_true", help="import, prepare data and train heads 2..4 (then exit)")
     p.add_argument("--root", default=str(ROOT), help="directory for the imported model, data, self-data and runs")
     p.add_argument("--checkpoint", default=None, help="mtp checkpoint / run dir (train output; default ROOT/heads)")
-    p.add_argument("--steps", type=int, default=1200)
+    p.add_argument("--steps", type=int, default=500)
     p.add_argument("--batch", type=int, default=8, help="training sequences per step")
     p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--targets", default="distill", choices=["distill", "self", "data"],
                    help="distill: heads learn SmolLM2's own next-token distribution (top 32) at their offset; "
                         "self: its greedy token; data: the corpus token")
@@ -356,9 +356,9 @@ def main() -> None:
     p.add_argument("--head-type", default="sequential", choices=["sequential", "parallel", "causal"],
                    help="sequential: head i reads head i-1's output and the embedding of token t+i-1 "
                         "(DeepSeek-V3); causal: head i-1's output only; parallel: the trunk's")
-    p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--eval-batches", type=int, default=4)
-    p.add_argument("--max-bytes", type=int, default=6_000_000, help="corpus cap (whole files)")
+    p.add_argument("--max-bytes", type=int, default=800_000, help="corpus cap (whole files)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--prompts", type=int, default=16)

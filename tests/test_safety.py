@@ -213,15 +213,32 @@ BAD_YAML = [
     ("steps: [1,\n", "not valid YAML at line"),
     ("model: 5", "model must be a mapping"),
     ("parallel: x", "parallel must be one of auto, none, ddp, fsdp, got 'x'"),
+    # the sectioned form (mtp.train_config): errors name the dotted key as written
+    ('optimizer: {steps: "abc"}', "optimizer.steps must be an integer, got 'abc' (a string)"),
+    ("optimizer: {steps: 2.5}", "optimizer.steps must be an integer, got 2.5"),
+    ("optimizer: {lr: 0}", "optimizer.lr must be positive, got 0.0"),
+    ("checkpointing: {save_every: -1}", "checkpointing.save_every must be >= 0, got -1"),
+    ("runtime: {parallel: x}", "runtime.parallel must be one of auto, none, ddp, fsdp, got 'x'"),
+    ('model: {overrides: {dim: "x"}}', "model.overrides.dim must be an integer, got 'x'"),
+    ('model: {n_future: "4"}', "model.n_future must be an integer, got '4'"),
+    ("model: {nope: 1}", "model.nope is neither a model option"),
+    ("optimizer: {lrr: 1}", "optimizer.lrr is not an option of optimizer; expected one of head_weights, steps, lr"),
+    ("data: {lr: 1}", "data.lr is not an option of data; lr is optimizer.lr"),
+    ("optimizer: 5", "optimizer must be a mapping of optimizer options"),
+    ("lr: 1.0e-3\noptimizer: {lr: 2.0e-3}", "lr and optimizer.lr set the same option; keep one"),
+    ("model: {overrides: {n_future: 3}}", "model.overrides.n_future: set model.n_future"),
+    ("stesp: 3", "unknown training option(s): stesp (did you mean steps?)"),
 ]
 
 
 @pytest.mark.parametrize("text, msg", BAD_YAML)
 def test_bad_yaml_is_one_line_and_writes_nothing(text, msg, corpus, tmp_path, capsys):
     yml = tmp_path / "c.yaml"
-    yml.write_text(f"data: {corpus}\nout: {tmp_path / 'run'}\n{text}")
+    data = "" if text.startswith("data:") else f"data: {corpus}\n"  # a case that sets data: itself
+    yml.write_text(f"{data}out: {tmp_path / 'run'}\n{text}")
     rc, _, err = run_cli(["train", "--config", yml, "--no-progress"], capsys)
     one_line_error(rc, err, msg)
+    assert err.startswith("mtp train: error: "), err
     assert not (tmp_path / "run").exists()
 
 

@@ -143,37 +143,6 @@ def test_run_directory_of_the_flat_format_resumes_from_its_saved_config(corpus, 
     assert TrainConfig.from_dict(new) == TrainConfig.from_dict({**old, "resume": True})
 
 
-BAD_NESTED_YAML = [
-    ('optimizer: {steps: "abc"}', "optimizer.steps must be an integer, got 'abc' (a string)"),
-    ("optimizer: {steps: 2.5}", "optimizer.steps must be an integer, got 2.5"),
-    ("optimizer: {lr: 0}", "optimizer.lr must be positive, got 0.0"),
-    ("checkpointing: {save_every: -1}", "checkpointing.save_every must be >= 0, got -1"),
-    ("runtime: {parallel: x}", "runtime.parallel must be one of auto, none, ddp, fsdp, got 'x'"),
-    ('model: {overrides: {dim: "x"}}', "model.overrides.dim must be an integer, got 'x'"),
-    ('model: {n_future: "4"}', "model.n_future must be an integer, got '4'"),
-    ("model: {nope: 1}", "model.nope is neither a model option"),
-    ("optimizer: {lrr: 1}", "optimizer.lrr is not an option of optimizer; expected one of head_weights, steps, lr"),
-    ("data: {lr: 1}", "data.lr is not an option of data; lr is optimizer.lr"),
-    ("optimizer: 5", "optimizer must be a mapping of optimizer options"),
-    ("lr: 1.0e-3\noptimizer: {lr: 2.0e-3}", "lr and optimizer.lr set the same option; keep one"),
-    ("model: {overrides: {n_future: 3}}", "model.overrides.n_future: set model.n_future"),
-    ("stesp: 3", "unknown training option(s): stesp (did you mean steps?)"),
-]
-
-
-@pytest.mark.parametrize("text, msg", BAD_NESTED_YAML)
-def test_bad_nested_yaml_is_one_line_naming_the_dotted_key(text, msg, corpus, tmp_path, capsys):
-    yml = tmp_path / "c.yaml"
-    yml.write_text(f"data: {corpus}\nout: {tmp_path / 'run'}\n{text}" if not text.startswith("data:")
-                   else f"out: {tmp_path / 'run'}\n{text}")
-    capsys.readouterr()
-    rc = main(["train", "--config", str(yml), "--no-progress"])
-    err = capsys.readouterr().err.strip()
-    assert rc == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
-    assert err.startswith("mtp train: error: ") and msg in err, err
-    assert not (tmp_path / "run").exists()
-
-
 def test_sections_are_typed_and_checked_in_python():
     with pytest.raises(ConfigError, match=r"^optimizer must be OptimizerConfig\(\.\.\.\)"):
         TrainConfig(optimizer={"lr": 1.0})  # type: ignore[arg-type]
