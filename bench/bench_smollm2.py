@@ -190,12 +190,12 @@ class Run:
 Decoder = Callable[[list[list[int]], int], Run]
 
 
-def mtp_decoder(model: MTPModel, name: str) -> Decoder:
+def mtp_decoder(model: MTPModel, name: str, compile: bool = False) -> Decoder:
     mode = parse_mode(name)
     mode.check(model)  # fail before timing anything
 
     def run(prompts: list[list[int]], n: int) -> Run:
-        res: GenerationResult = mode.run(model, prompts, n, batch_size=len(prompts))
+        res: GenerationResult = mode.run(model, prompts, n, batch_size=len(prompts), compile=compile)
         out = Run(tokens=[list(t) for t in res.tokens], forwards=sum(res.row_forwards))
         if isinstance(res, SpeculativeResult):
             out.attempts, out.accepts = list(res.draft_attempts), list(res.draft_accepts)
@@ -288,8 +288,10 @@ def benchmark(args: argparse.Namespace) -> None:
         models["bf16"] = load_model(args.checkpoint)[0].to(torch.bfloat16)
     for dtype in args.dtypes:
         trees = [] if model.cfg.head_type == "sequential" else ["tree"]  # sequential heads draft chains only
-        for mode in ["greedy", "spec1", "spec2", "spec3"] + trees + ["lookup3"] + args.extra_modes:
+        for mode in (args.modes or ["greedy", "spec1", "spec2", "spec3"] + trees + ["lookup3"]) + args.extra_modes:
             decoders[mtp_name(mode, dtype)] = mtp_decoder(models[dtype], mode)
+            if args.compile:  # beside eager, compared with compiled greedy of the same dtype
+                decoders[mtp_name(mode, dtype) + " compiled"] = mtp_decoder(models[dtype], mode, compile=True)
     # Reference: HF greedy, one prompt at a time.
     reference = timed(decoders["hf greedy"], [[p] for p in prompts], n, 1).tokens
     results: list[dict[str, Any]] = []
@@ -312,8 +314,10 @@ def benchmark(args: argparse.Namespace) -> None:
         hf_rate = sum(map(len, runs["hf greedy"].tokens)) / runs["hf greedy"].seconds
         rows = []
         for name in names:
-            dtype = next((d for d in args.dtypes if name.startswith("mtp") and name.endswith(d)), None)
-            own = runs[mtp_name("greedy", dtype)].tokens if dtype else reference
+            plain = name.removesuffix(" compiled")
+            dtype = next((d for d in args.dtypes if plain.startswith("mtp") and plain.endswith(d)), None)
+            greedy = mtp_name("greedy", dtype) + name[len(plain):]
+            own = runs[greedy].tokens if dtype else reference
             rows.append(row(name, bs, runs[name], hf_rate, reference, own))
         print(table(rows), flush=True)
         results += rows
@@ -364,9 +368,12 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=16)
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--modes", nargs="+", default=None, help="mtp modes (default: greedy spec1 spec2 spec3 [tree] lookup3)")
     p.add_argument("--extra-modes", nargs="*", default=[], help="more mtp modes, e.g. tree:4,2,1")
     p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"],
                    help="mtp weight dtypes to decode in (fp32 reproduces HF's fp32 text)")
+    p.add_argument("--compile", action="store_true",
+                   help="also every mtp mode with --compile (frozen bf16 graphs on CPU); compile time is warm-up")
     p.add_argument("--json", default=None, help="results file (default runs/smollm2/bench.json)")
     p.add_argument("--show", action="store_true", help="print some HF greedy completions")
     args = p.parse_args()

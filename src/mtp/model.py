@@ -275,22 +275,6 @@ def sdpa_queries(dtype: torch.dtype) -> int:
     return 2 if dtype in (torch.float32, torch.float64) else 1
 
 
-def fused_linear(owner: nn.Module, parts: Sequence[nn.Linear], keep: bool) -> tuple[Tensor, Tensor | None, tuple[int, int, bool]]:
-    """The weights (and biases) of `parts` stacked into one matmul, with its row_block. `keep`:
-    the copy stays on `owner` after decoding and is reused while the weights are unchanged
-    (frozen compiled graphs take it as a constant: a new copy per decode would recompile them);
-    otherwise it is made anew and freed with the cache."""
-    key = tuple((id(m.weight), m.weight._version) for m in parts)
-    kept = owner.__dict__.get("_kept_fused")
-    if kept is not None and kept[0] == key:
-        return kept[1]
-    bias = torch.cat([m.bias for m in parts]).detach() if parts[0].bias is not None else None  # type: ignore[misc]
-    weight = torch.cat([m.weight for m in parts]).detach()
-    fused = (weight, bias, row_block(weight, bias))
-    owner.__dict__["_kept_fused"] = (key, fused) if keep else None
-    return fused
-
-
 class Linear(nn.Linear):
     """nn.Linear that switches to `invariant_linear` while the model decodes with its KV cache."""
 
@@ -366,10 +350,15 @@ class Attention(nn.Module):
         # [wq; wk; wv], its bias and its row_block while decoding (see `fuse`)
         self.fused: tuple[Tensor, Tensor | None, tuple[int, int, bool]] | None = None
 
-    def fuse(self, on: bool, keep: bool = False) -> None:
+    def fuse(self, on: bool) -> None:
         """While decoding, q/k/v come from one matmul over the stacked weights (a copy): fewer,
-        larger calls, which is what small-batch decoding on a CPU pays for. `keep`: see `fused_linear`."""
-        self.fused = fused_linear(self, (self.wq, self.wk, self.wv), keep) if on else None
+        larger calls, which is what small-batch decoding on a CPU pays for."""
+        self.fused = None
+        if on:
+            lin = (self.wq, self.wk, self.wv)
+            bias = torch.cat([m.bias for m in lin]).detach() if self.wq.bias is not None else None  # type: ignore[misc]
+            weight = torch.cat([m.weight for m in lin]).detach()
+            self.fused = (weight, bias, row_block(weight, bias))
 
     def forward(self, x: Tensor, rope: tuple[Tensor, ...], ctx: "CacheContext | None") -> Tensor:
         B, S, _ = x.shape
@@ -471,9 +460,13 @@ class FeedForward(nn.Module):
         self.w3 = Linear(cfg.dim, cfg.ffn_dim, bias=cfg.bias) if cfg.mlp == "swiglu" else None
         self.fused: tuple[Tensor, Tensor | None, tuple[int, int, bool]] | None = None  # [w1; w3] while decoding
 
-    def fuse(self, on: bool, keep: bool = False) -> None:
+    def fuse(self, on: bool) -> None:
         """As Attention.fuse: w1 and w3 as one matmul while decoding."""
-        self.fused = fused_linear(self, (self.w1, self.w3), keep) if on and self.w3 is not None else None
+        self.fused = None
+        if on and self.w3 is not None:
+            bias = torch.cat([self.w1.bias, self.w3.bias]).detach() if self.w1.bias is not None else None
+            weight = torch.cat([self.w1.weight, self.w3.weight]).detach()
+            self.fused = (weight, bias, row_block(weight, bias))
 
     def forward(self, x: Tensor) -> Tensor:
         if self.w3 is None:
@@ -579,14 +572,8 @@ class DraftStack:
         self.ffn_dim = cfg.ffn_dim
         self.cache_k = torch.zeros((len(heads), *cache_shape), dtype=dtype, device=device)
         self.cache_v = torch.zeros_like(self.cache_k)
-        self.views = [(self.cache_k[i], self.cache_v[i]) for i in range(len(heads))]
-        self.attach(a)
-
-    def attach(self, attentions: Sequence["Attention"]) -> None:
-        """Point the heads' own caches at this stack's buffer (the same view objects every time:
-        frozen compiled graphs are specialised on them)."""
-        for x, (k, v) in zip(attentions, self.views):
-            x.cache_k, x.cache_v = k, v
+        for i, x in enumerate(a):
+            x.cache_k, x.cache_v = self.cache_k[i], self.cache_v[i]
 
     @staticmethod
     def supports(cfg: ModelConfig) -> bool:
@@ -879,34 +866,17 @@ class MTPModel(nn.Module):
         device = device or param.device
         length = int(key_length(torch.tensor(max(max_len, 1) - 1)))
         shape = (max_batch, length, self.cfg.n_kv_heads, self.cfg.head_dim)
-        # Frozen compiled graphs are specialised on the cache buffers themselves: those stay
-        # allocated after decoding and are reused (stale slots are masked, as within a decode).
-        frozen = getattr(self.compiled, "freeze", False)
         for m in self.modules():
             if isinstance(m, Attention):
-                kept = m.__dict__.get("_kept_cache")
-                if frozen and kept is not None and kept[0].shape == shape and kept[0].dtype == dtype \
-                        and kept[0].device == torch.device(device):
-                    m.cache_k, m.cache_v = kept
-                else:
-                    m.cache_k = torch.zeros(shape, dtype=dtype, device=device)
-                    m.cache_v = torch.zeros(shape, dtype=dtype, device=device)
-                m.__dict__["_kept_cache"] = (m.cache_k, m.cache_v) if frozen else None
+                m.cache_k = torch.zeros(shape, dtype=dtype, device=device)
+                m.cache_v = torch.zeros(shape, dtype=dtype, device=device)
         self.draft_stack = None
         self.cache_dtype = dtype
         if DraftStack.supports(self.cfg):
-            heads = list(self.heads)[1:]
-            key = (tuple((id(p), p._version) for h in heads for p in h.parameters()), shape, dtype, str(device))
-            kept = self.__dict__.get("_kept_stack")
-            if frozen and kept is not None and kept[0] == key:  # as the caches above
-                self.draft_stack = kept[1]
-                self.draft_stack.attach([h.attention for h in heads])  # type: ignore[union-attr]
-            else:
-                self.draft_stack = DraftStack(heads, self.cfg, shape, dtype, device)  # type: ignore[arg-type]
-            self.__dict__["_kept_stack"] = (key, self.draft_stack) if frozen else None
-        self.set_invariant(True, keep_fused=frozen)
+            self.draft_stack = DraftStack(list(self.heads)[1:], self.cfg, shape, dtype, device)  # type: ignore[arg-type]
+        self.set_invariant(True)
         self.cache_batch, self.cache_len = max_batch, length
-        if self.compiled is not None and not frozen:  # compiled passes: one graph for every cache length
+        if self.compiled is not None:  # compiled passes: one graph for every cache length
             for m in self.modules():
                 if isinstance(m, Attention):
                     torch._dynamo.mark_dynamic(m.cache_k, 1)
@@ -923,14 +893,13 @@ class MTPModel(nn.Module):
         self.set_invariant(False)
         self.cache_batch = self.cache_len = 0
 
-    def set_invariant(self, on: bool, keep_fused: bool = False) -> None:
+    def set_invariant(self, on: bool) -> None:
         """Batch-invariant matmuls (slower for many rows) and fused q/k/v and w1/w3 weights (a
-        copy of those weights, kept after decoding if `keep_fused`) on or off; on while a cache
-        is set up."""
+        copy of those weights) on or off; on while a cache is set up."""
         fused: set[int] = set()  # linears that the fused q/k/v and w1/w3 weights stand in for
         for m in self.modules():
             if isinstance(m, (Attention, FeedForward)):
-                m.fuse(on, keep_fused)
+                m.fuse(on)
                 if m.fused is not None:
                     parts = (m.wq, m.wk, m.wv) if isinstance(m, Attention) else (m.w1, m.w3)
                     fused.update(map(id, parts))
