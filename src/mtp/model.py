@@ -263,16 +263,57 @@ def invariant_linear(x: Tensor, weight: Tensor, bias: Tensor | None,
     flat = x.reshape(-1, x.shape[-1])
     m = flat.shape[0]
     if fewest <= m <= most:
-        return F.linear(x, weight, bias)
+        return unfused(F.linear(x, weight, bias))
     out = _batched_blocks(flat, weight, bias, most) if batched and m > most else \
         _linear_blocks(flat, weight, bias, most, fewest)
-    return out.view(*x.shape[:-1], weight.shape[0])
+    return unfused(out.view(*x.shape[:-1], weight.shape[0]))
+
+
+def unfused(y: Tensor) -> Tensor:
+    """y, kept apart from the ops that follow in a frozen compiled graph: inductor would otherwise
+    fuse a prepacked matmul with the add or activation after it (one rounding instead of two),
+    whose rows `row_block` has not calibrated (measured: frozen spec1 left frozen greedy on 1 of
+    4 SmolLM2 prompts). Elsewhere y itself."""
+    if torch.compiler.is_compiling() and FROZEN_TRACE:
+        return torch.ops.mtp.unfused(y)
+    return y
+
+
+FROZEN_TRACE = False  # set by mtp.compiled while frozen graphs run (and compile)
+
+
+@torch.library.custom_op("mtp::unfused", mutates_args=())
+def _unfused_op(y: Tensor) -> Tensor:
+    return y.clone()
+
+
+@_unfused_op.register_fake
+def _(y: Tensor) -> Tensor:
+    return torch.empty_like(y)
 
 
 def sdpa_queries(dtype: torch.dtype) -> int:
     """Queries per SDPA call: a lone fp32/fp64 query takes another kernel than two (measured on
     CPU), so those calls carry the query twice."""
     return 2 if dtype in (torch.float32, torch.float64) else 1
+
+
+def fused_linear(owner: nn.Module, parts: Sequence[nn.Linear],
+                 keep: bool) -> tuple[Tensor, Tensor | None, tuple[int, int, bool]]:
+    """The weights (and biases) of `parts` stacked into one matmul, with its row_block. `keep`:
+    the copy stays on `owner` after decoding and is reused while the weights are unchanged
+    (frozen compiled graphs take it as a constant: a new copy per decode would recompile them);
+    otherwise it is made anew and freed with the cache."""
+    key = tuple((id(m.weight), m.weight._version) for m in parts)
+    kept = owner.__dict__.get("_kept_fused")
+    if kept is not None and kept[0] == key:
+        return kept[1]
+    bias = torch.cat([m.bias for m in parts]).detach() if parts[0].bias is not None else None  # type: ignore[misc]
+    weight = torch.cat([m.weight for m in parts]).detach()
+    fused = (weight, bias, row_block(weight, bias))
+    if keep:  # an unfrozen decode leaves the kept copy alone (frozen graphs may come back to it)
+        owner.__dict__["_kept_fused"] = (key, fused)
+    return fused
 
 
 class Linear(nn.Linear):
@@ -350,15 +391,10 @@ class Attention(nn.Module):
         # [wq; wk; wv], its bias and its row_block while decoding (see `fuse`)
         self.fused: tuple[Tensor, Tensor | None, tuple[int, int, bool]] | None = None
 
-    def fuse(self, on: bool) -> None:
+    def fuse(self, on: bool, keep: bool = False) -> None:
         """While decoding, q/k/v come from one matmul over the stacked weights (a copy): fewer,
-        larger calls, which is what small-batch decoding on a CPU pays for."""
-        self.fused = None
-        if on:
-            lin = (self.wq, self.wk, self.wv)
-            bias = torch.cat([m.bias for m in lin]).detach() if self.wq.bias is not None else None  # type: ignore[misc]
-            weight = torch.cat([m.weight for m in lin]).detach()
-            self.fused = (weight, bias, row_block(weight, bias))
+        larger calls, which is what small-batch decoding on a CPU pays for. `keep`: see `fused_linear`."""
+        self.fused = fused_linear(self, (self.wq, self.wk, self.wv), keep) if on else None
 
     def forward(self, x: Tensor, rope: tuple[Tensor, ...], ctx: "CacheContext | None") -> Tensor:
         B, S, _ = x.shape
@@ -460,13 +496,9 @@ class FeedForward(nn.Module):
         self.w3 = Linear(cfg.dim, cfg.ffn_dim, bias=cfg.bias) if cfg.mlp == "swiglu" else None
         self.fused: tuple[Tensor, Tensor | None, tuple[int, int, bool]] | None = None  # [w1; w3] while decoding
 
-    def fuse(self, on: bool) -> None:
+    def fuse(self, on: bool, keep: bool = False) -> None:
         """As Attention.fuse: w1 and w3 as one matmul while decoding."""
-        self.fused = None
-        if on and self.w3 is not None:
-            bias = torch.cat([self.w1.bias, self.w3.bias]).detach() if self.w1.bias is not None else None
-            weight = torch.cat([self.w1.weight, self.w3.weight]).detach()
-            self.fused = (weight, bias, row_block(weight, bias))
+        self.fused = fused_linear(self, (self.w1, self.w3), keep) if on and self.w3 is not None else None
 
     def forward(self, x: Tensor) -> Tensor:
         if self.w3 is None:
@@ -572,8 +604,14 @@ class DraftStack:
         self.ffn_dim = cfg.ffn_dim
         self.cache_k = torch.zeros((len(heads), *cache_shape), dtype=dtype, device=device)
         self.cache_v = torch.zeros_like(self.cache_k)
-        for i, x in enumerate(a):
-            x.cache_k, x.cache_v = self.cache_k[i], self.cache_v[i]
+        self.views = [(self.cache_k[i], self.cache_v[i]) for i in range(len(heads))]
+        self.attach(a)
+
+    def attach(self, attentions: Sequence["Attention"]) -> None:
+        """Point the heads' own caches at this stack's buffer (the same view objects every time:
+        frozen compiled graphs are specialised on them)."""
+        for x, (k, v) in zip(attentions, self.views):
+            x.cache_k, x.cache_v = k, v
 
     @staticmethod
     def supports(cfg: ModelConfig) -> bool:
@@ -865,18 +903,45 @@ class MTPModel(nn.Module):
         dtype = dtype or param.dtype
         device = device or param.device
         length = int(key_length(torch.tensor(max(max_len, 1) - 1)))
+        # Frozen compiled graphs are specialised on the cache buffers themselves: those stay
+        # allocated after decoding and are reused while long enough (stale slots are masked, as
+        # within a decode; a query reads key_length(position) slots whatever the cache's length,
+        # so a longer cache computes the same), and grow by powers of two, so prompts of other
+        # lengths do not recompile.
+        frozen = getattr(self.compiled, "freeze", False)
+        kept = next((m.__dict__.get("_kept_cache") for m in self.modules() if isinstance(m, Attention)), None)
+        if frozen and kept is not None and kept[0].shape[0] == max_batch and kept[0].shape[1] >= length:
+            length = kept[0].shape[1]
+        elif frozen:
+            length = min(1 << (length - 1).bit_length(), int(key_length(torch.tensor(self.cfg.max_seq_len - 1))))
         shape = (max_batch, length, self.cfg.n_kv_heads, self.cfg.head_dim)
         for m in self.modules():
             if isinstance(m, Attention):
-                m.cache_k = torch.zeros(shape, dtype=dtype, device=device)
-                m.cache_v = torch.zeros(shape, dtype=dtype, device=device)
+                kept = m.__dict__.get("_kept_cache")
+                if frozen and kept is not None and kept[0].shape == shape and kept[0].dtype == dtype \
+                        and kept[0].device == torch.device(device):
+                    m.cache_k, m.cache_v = kept
+                else:
+                    m.cache_k = torch.zeros(shape, dtype=dtype, device=device)
+                    m.cache_v = torch.zeros(shape, dtype=dtype, device=device)
+                if frozen:
+                    m.__dict__["_kept_cache"] = (m.cache_k, m.cache_v)
         self.draft_stack = None
         self.cache_dtype = dtype
         if DraftStack.supports(self.cfg):
-            self.draft_stack = DraftStack(list(self.heads)[1:], self.cfg, shape, dtype, device)  # type: ignore[arg-type]
-        self.set_invariant(True)
+            heads = list(self.heads)[1:]
+            key = (tuple((id(p), p._version) for h in heads for p in h.parameters()), shape, dtype, str(device))
+            kept = self.__dict__.get("_kept_stack")
+            if frozen and kept is not None and kept[0] == key:  # as the caches above
+                self.draft_stack = kept[1]
+                self.draft_stack.attach([h.attention for h in heads])  # type: ignore[union-attr]
+            else:
+                self.draft_stack = DraftStack(heads, self.cfg, shape, dtype, device)  # type: ignore[arg-type]
+            if frozen:
+                self.__dict__["_kept_stack"] = (key, self.draft_stack)
+        self.set_invariant(True, keep_fused=frozen)
         self.cache_batch, self.cache_len = max_batch, length
-        if self.compiled is not None:  # compiled passes: one graph for every cache length
+        if self.compiled is not None and not frozen:  # compiled passes: one graph for every cache length
             for m in self.modules():
                 if isinstance(m, Attention):
                     torch._dynamo.mark_dynamic(m.cache_k, 1)
@@ -893,13 +958,14 @@ class MTPModel(nn.Module):
         self.set_invariant(False)
         self.cache_batch = self.cache_len = 0
 
-    def set_invariant(self, on: bool) -> None:
+    def set_invariant(self, on: bool, keep_fused: bool = False) -> None:
         """Batch-invariant matmuls (slower for many rows) and fused q/k/v and w1/w3 weights (a
-        copy of those weights) on or off; on while a cache is set up."""
+        copy of those weights, kept after decoding if `keep_fused`) on or off; on while a cache
+        is set up."""
         fused: set[int] = set()  # linears that the fused q/k/v and w1/w3 weights stand in for
         for m in self.modules():
             if isinstance(m, (Attention, FeedForward)):
-                m.fuse(on)
+                m.fuse(on, keep_fused)
                 if m.fused is not None:
                     parts = (m.wq, m.wk, m.wv) if isinstance(m, Attention) else (m.w1, m.w3)
                     fused.update(map(id, parts))

@@ -257,8 +257,8 @@ def verify_forward(model: MTPModel, tree: DraftTree, tables: TreeTables, block: 
     decides what is accepted, and the draft heads are needed only on the accepted path
     (`draft_hidden`), so running them on every node would be wasted work."""
     mask = None if tree.is_chain else tree_mask(block, tables.ancestors, model.cache_len)
-    if mask is not None and is_compiled(model):
-        torch._dynamo.mark_dynamic(mask, 2)  # as long as the cache: a dynamic size when compiled
+    if mask is not None and is_compiled(model) and not model.compiled.freeze:
+        torch._dynamo.mark_dynamic(mask, 2)  # as long as the cache: a dynamic size when compiled (unfrozen)
     heads = min(tree.depth + 1, model.cfg.n_future) if model.cfg.head_type == "anticausal" else 1
     return model.trunk_and_heads(nodes, block.positions, slots=block.slots, mask=mask, heads=heads)
 
