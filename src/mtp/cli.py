@@ -359,8 +359,10 @@ DTYPE_HELP = ("weights and KV cache dtype for decoding: auto (bf16 on CUDA and o
               "fp32 or bf16; speculative output equals greedy in each (default: auto)")
 
 
-COMPILE_HELP = ("run the decoding passes through torch.compile (output unchanged; the first passes of each "
-                "batch size and mode compile, tens of seconds each on a small CPU; see README) (default: off)")
+COMPILE_HELP = ("run the decoding passes through torch.compile (bf16 on CPU: weights frozen and prepacked); "
+                "every mode still equals greedy decoded the same way, though fused kernels may round logits "
+                "unlike eager; the first passes of each batch size and mode compile, tens of seconds each on "
+                "a small CPU; see README (default: off)")
 
 
 def _to_dtype(model: Any, name: str) -> Any:
