@@ -1,5 +1,6 @@
-"""`--compile`: decoding passes run through torch.compile give the same tokens as eager decoding,
-and every speculative mode still equals greedy, bit for bit, in fp32 and bf16 (mtp.compiled)."""
+"""`--compile`: decoding passes run through torch.compile give the same tokens as eager decoding
+(fp32; bf16 compiles frozen and is compared with compiled greedy), and every speculative mode
+still equals greedy, bit for bit, in fp32 and bf16 (mtp.compiled)."""
 
 from __future__ import annotations
 
