@@ -248,6 +248,9 @@ def test_generate_completions_greedy_speculative_and_samples():
     assert greedy[problems[1]["task_id"]] == [cut_at_stop(tok.decode([t for t in direct if t not in stops]))]
     for spec in ("1", "2", "tree"):
         assert generate_completions(model, tok, problems, CodegenConfig(max_new_tokens=12, speculative=spec)) == greedy
+    for drafter in ("lookup", "both"):  # `mtp eval-code --drafter`
+        cfg = CodegenConfig(max_new_tokens=12, speculative="2", drafter=drafter)
+        assert generate_completions(model, tok, problems, cfg) == greedy
     sampled = generate_completions(model, tok, problems, CodegenConfig(samples=3, temperature=1.0, max_new_tokens=6))
     assert all(len(c) == 3 for c in sampled.values())
     with pytest.raises(ValueError, match="one completion per problem"):

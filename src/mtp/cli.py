@@ -222,7 +222,8 @@ def cmd_eval_code(args: argparse.Namespace) -> None:
     if tok is None:
         raise ValueError(f"{args.checkpoint} has no tokenizer.json; cannot encode the problems")
     cfg = CodegenConfig(samples=args.samples, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                        top_p=args.top_p, seed=args.seed, speculative=args.speculative, batch_size=args.batch_size,
+                        top_p=args.top_p, seed=args.seed, speculative=args.speculative, drafter=args.drafter,
+                        batch_size=args.batch_size,
                         template=_unescape(args.template or "{prompt}"))
     start = time.perf_counter()
     completions = generate_completions(model.eval(), tok, problems, cfg, progress=not args.no_progress)
@@ -359,6 +360,9 @@ DTYPE_HELP = ("weights and KV cache dtype for decoding: auto (bf16 on CUDA and o
               "fp32 or bf16; speculative output equals greedy in each (default: auto)")
 
 
+DRAFTER_CHOICES = ["heads", "lookup", "both"]
+DRAFTER_HELP = ("with --speculative k, greedy: drafts from the heads, from prompt lookup (n-gram matches in the "
+                "prompt and output; any model), or lookup where it matches, else heads (default: heads)")
 COMPILE_HELP = ("run the decoding passes through torch.compile (bf16 on CPU: weights frozen and prepacked); "
                 "every mode still equals greedy decoded the same way, though fused kernels may round logits "
                 "unlike eager; the first passes of each batch size and mode compile, tens of seconds each on "
@@ -590,6 +594,7 @@ def build_parser() -> argparse.ArgumentParser:
     pc.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass, 0 < p <= 1 (default: off)")
     pc.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     pc.add_argument("--speculative", default=None, help="k drafts or 'tree' (same completions, faster)")
+    pc.add_argument("--drafter", default="heads", choices=DRAFTER_CHOICES, help=DRAFTER_HELP)
     pc.add_argument("--batch-size", type=int, default=8, help="rows decoded at once (continuous batching)")
     pc.add_argument("--workers", type=int, default=2, help="sandboxed programs run at once")
     pc.add_argument("--device", default="auto", help=DEVICE_HELP)
@@ -605,10 +610,7 @@ def build_parser() -> argparse.ArgumentParser:
     pg.add_argument("--batch", help="file of prompts, one per line (\\n escapes) or JSONL with a 'prompt' key")
     pg.add_argument("--speculative", default=None,
                     help="k (drafts from heads 2..k+1, any temperature) or 'tree' (greedy only) (default: off)")
-    pg.add_argument("--drafter", default="heads", choices=["heads", "lookup", "both"],
-                    help="with --speculative k, greedy: drafts from the heads, from prompt lookup (n-gram matches "
-                         "in the prompt and output; any model), or lookup where it matches, else heads "
-                         "(default: heads)")
+    pg.add_argument("--drafter", default="heads", choices=DRAFTER_CHOICES, help=DRAFTER_HELP)
     pg.add_argument("--batch-size", type=int, default=None,
                     help="decode this many prompts at once, a finished row taking the next (default: all)")
     pg.add_argument("--max-new-tokens", type=int, default=128,

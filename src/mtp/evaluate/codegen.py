@@ -26,6 +26,7 @@ class CodegenConfig:
     top_p: float | None = None
     seed: int = 0
     speculative: str | None = None  # None (plain), a number of drafts k, or "tree" (greedy only): `mode_from_flags`
+    drafter: str = "heads"  # with a chain: heads, lookup (prompt lookup) or both
     batch_size: int = 8  # rows decoded at once (continuous batching)
     # What the model sees: {prompt} is the problem's prompt. Chat models need their own format,
     # ending with the prompt again so the answer continues the function (see `problem_prompt`).
@@ -74,7 +75,7 @@ def generate_completions(model: MTPModel, tokenizer: Any, problems: Sequence[Map
         raise ValueError(f"samples must be >= 1, got {cfg.samples}")
     if cfg.temperature == 0 and cfg.samples > 1:
         raise ValueError("greedy decoding gives one completion per problem: use --samples 1 or a temperature > 0")
-    mode = mode_from_flags(cfg.speculative)
+    mode = mode_from_flags(cfg.speculative, cfg.drafter)
     mode.check_temperature(cfg.temperature)
     if "{prompt}" not in cfg.template:
         raise ValueError("the prompt template must contain {prompt}")
