@@ -286,12 +286,16 @@ def benchmark(args: argparse.Namespace) -> None:
     models = {"fp32": model}
     if "bf16" in args.dtypes:  # drafts and verification in bf16: cheap verify (AMX), not HF's fp32 numbers
         models["bf16"] = load_model(args.checkpoint)[0].to(torch.bfloat16)
+    trees = [] if model.cfg.head_type == "sequential" else ["tree"]  # sequential heads draft chains only
+    modes = (args.modes or ["greedy", "spec1", "spec2", "spec3"] + trees + ["lookup3"]) + args.extra_modes
+    modes = modes if "greedy" in modes else ["greedy"] + modes  # what every mode is compared with
+    greedy_of: dict[str, str] = {}  # mtp row -> the greedy row of its dtype and setting
     for dtype in args.dtypes:
-        trees = [] if model.cfg.head_type == "sequential" else ["tree"]  # sequential heads draft chains only
-        for mode in (args.modes or ["greedy", "spec1", "spec2", "spec3"] + trees + ["lookup3"]) + args.extra_modes:
-            decoders[mtp_name(mode, dtype)] = mtp_decoder(models[dtype], mode)
-            if args.compile:  # beside eager, compared with compiled greedy of the same dtype
-                decoders[mtp_name(mode, dtype) + " compiled"] = mtp_decoder(models[dtype], mode, compile=True)
+        for suffix in ["", " compiled"] if args.compile else [""]:  # compiled beside eager
+            for mode in modes:
+                name = mtp_name(mode, dtype) + suffix
+                decoders[name] = mtp_decoder(models[dtype], mode, compile=bool(suffix))
+                greedy_of[name] = mtp_name("greedy", dtype) + suffix
     # Reference: HF greedy, one prompt at a time.
     reference = timed(decoders["hf greedy"], [[p] for p in prompts], n, 1).tokens
     results: list[dict[str, Any]] = []
@@ -302,7 +306,7 @@ def benchmark(args: argparse.Namespace) -> None:
                   f"(all heads) {ratio['tn'] * 1e3:.1f} ms: a k=3 verify costs {ratio['step_ratio']:.2f} greedy steps",
                   flush=True)
         batches = [prompts[i : i + bs] for i in range(0, len(prompts), bs)]
-        names = [m for m in decoders if not (bs > 1 and "lookup" in m)]  # transformers: lookup needs batch 1
+        names = [m for m in decoders if not (bs > 1 and m == "hf prompt-lookup")]  # transformers: batch 1 only
         for name in names:  # warm-up
             decoders[name](batches[0], 4)
         runs = {name: Run(seconds=math.inf) for name in names}
@@ -314,10 +318,7 @@ def benchmark(args: argparse.Namespace) -> None:
         hf_rate = sum(map(len, runs["hf greedy"].tokens)) / runs["hf greedy"].seconds
         rows = []
         for name in names:
-            plain = name.removesuffix(" compiled")
-            dtype = next((d for d in args.dtypes if plain.startswith("mtp") and plain.endswith(d)), None)
-            greedy = mtp_name("greedy", dtype) + name[len(plain):]
-            own = runs[greedy].tokens if dtype else reference
+            own = runs[greedy_of[name]].tokens if name in greedy_of else reference
             rows.append(row(name, bs, runs[name], hf_rate, reference, own))
         print(table(rows), flush=True)
         results += rows

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from . import model as model_module
-from .model import Attention, FeedForward, MTPModel, row_block, unfused
+from .model import Attention, FeedForward, MTPModel, fused_linear, row_block, unfused
 
 # Distinct graphs one function may compile before torch.compile would fall back to eager
 # (silently, by default): a benchmark meets several batch sizes, passes and cache lengths.
@@ -77,7 +77,9 @@ def compiled_passes(freeze: bool = False) -> CompiledPasses:
     return _passes[freeze]
 
 
-_weights_seen: "weakref.WeakKeyDictionary[MTPModel, tuple[tuple[int, int], ...]]" = weakref.WeakKeyDictionary()
+# Per model: its weights' (id, version) when last decoded frozen, and whether frozen_rows_hold.
+_weights_seen: "weakref.WeakKeyDictionary[MTPModel, tuple[tuple[tuple[int, int], ...], bool]]" = \
+    weakref.WeakKeyDictionary()
 _frozen_rows: dict[tuple[Any, ...], bool] = {}
 
 
@@ -93,28 +95,33 @@ def freeze_weights(model: MTPModel) -> bool:
     if not params or params[0].device.type != "cpu" or params[0].dtype != torch.bfloat16:
         return False
     seen = tuple((id(p), p._version) for p in params)
-    if _weights_seen.get(model, seen) != seen:
+    before = _weights_seen.get(model)
+    if before is not None and before[0] == seen:  # decoded frozen before, same weights: no probe again
+        return before[1]
+    if before is not None and before[1]:  # its frozen graphs hold the old weights
         torch._dynamo.reset()
-    _weights_seen[model] = seen
-    return frozen_rows_hold(model)
+    _weights_seen[model] = (seen, frozen_rows_hold(model))
+    return _weights_seen[model][1]
 
 
 def _matmuls(model: MTPModel) -> dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor | None]]:
-    """One (weight, bias) per distinct matmul shape of a cached pass, fused q/k/v and w1/w3 included."""
-    found: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor | None]] = {}
-
-    def add(parts: list[torch.nn.Linear]) -> None:
-        weight = torch.cat([m.weight.detach() for m in parts])
-        bias = torch.cat([m.bias.detach() for m in parts]) if parts[0].bias is not None else None
-        found.setdefault((tuple(weight.shape), bias is None), (weight, bias))
-
+    """One (weight, bias) per distinct matmul shape of a cached pass: the fused q/k/v and w1/w3
+    weights (`fused_linear`, as decoding stacks them) and every other linear."""
+    groups: list[tuple[torch.nn.Module, list[torch.nn.Linear]]] = []
+    fused: set[int] = set()  # linears that a fused weight stands in for while decoding
     for m in model.modules():
-        if isinstance(m, torch.nn.Linear):
-            add([m])
-        elif isinstance(m, Attention):
-            add([m.wq, m.wk, m.wv])
-        elif isinstance(m, FeedForward) and m.w3 is not None:
-            add([m.w1, m.w3])
+        parts = [m.wq, m.wk, m.wv] if isinstance(m, Attention) else \
+            [m.w1, m.w3] if isinstance(m, FeedForward) and m.w3 is not None else None
+        if parts is not None:
+            groups.append((m, parts))
+            fused.update(map(id, parts))
+    groups += [(m, [m]) for m in model.modules() if isinstance(m, torch.nn.Linear) and id(m) not in fused]
+    found: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor | None]] = {}
+    for owner, parts in groups:
+        key = (sum(p.out_features for p in parts), parts[0].in_features, parts[0].bias is None)
+        if key not in found:  # stack only one weight per shape
+            weight, bias, _ = fused_linear(owner, parts, keep=False)
+            found[key] = (weight, bias)
     return found
 
 
@@ -139,8 +146,8 @@ def frozen_rows_hold(model: MTPModel) -> bool:
     `row_block`'s calibration, done on eager kernels, holds for the frozen ones and decoding stays
     batch-invariant. Inductor picks kernels by shape (prepacked oneDNN, or its own code for tiny
     matmuls: a 64 x 32 bf16 weight rounded 1- and 2-row products differently from eager, measured),
-    so this compiles one graph of all of them with frozen weights (8-15 s on two cores, once per
-    process and set of shapes) and compares on inputs with a wide range of magnitudes."""
+    so this compiles one graph of all of them with frozen weights (once per process and set of
+    shapes: see README for its cost) and compares on inputs with a wide range of magnitudes."""
     matmuls = _matmuls(model)
     key = (tuple(sorted(matmuls)), torch.get_num_threads())
     if key not in _frozen_rows:
