@@ -121,7 +121,8 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     from .data import prepare
 
     meta = prepare(args.source, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
-                   val_fraction=args.val_fraction, max_bytes=args.max_bytes, force=args.force)
+                   val_fraction=args.val_fraction, max_bytes=args.max_bytes, force=args.force,
+                   exclude=args.exclude)
     print(f"prepared {args.out}: {meta['n_train_tokens']:,} train / {meta['n_val_tokens']:,} val tokens, "
           f"{meta['tokenizer']} tokenizer with {meta['vocab_size']} tokens")
 
@@ -193,6 +194,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from .checkpoint import load_model
     from .data import TokenData
     from .distributed import pick_device
+    from .hardware import train_dtype
     from .train import evaluate
 
     device = pick_device(args.device)
@@ -201,7 +203,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if data.vocab_size > model.cfg.vocab_size:
         raise ValueError(f"{args.data} was tokenized with {data.vocab_size} tokens but the model has "
                          f"vocab_size={model.cfg.vocab_size}: wrong tokenizer")
-    res = evaluate(model, data, args.batch_size, args.seq_len, args.batches, device, args.dtype)
+    res = evaluate(model, data, args.batch_size, args.seq_len, args.batches, device, train_dtype(args.dtype, device))
     if args.json:
         print(json.dumps(res))
         return
@@ -534,6 +536,8 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--val-fraction", type=float, default=0.05,
                     help="share of the corpus held out for validation, 0 < x < 1 (default: 0.05)")
     pp.add_argument("--max-bytes", type=int, default=None, help="cap the corpus size (quick runs)")
+    pp.add_argument("--exclude", nargs="+", default=(), metavar="GLOB",
+                    help="leave out files whose path relative to the corpus matches, e.g. 'tkinter/*'")
     pp.add_argument("--force", action="store_true",
                     help="write into --out even if it holds something other than a prepared dataset")
     pp.set_defaults(func=cmd_prepare)
@@ -577,7 +581,8 @@ def build_parser() -> argparse.ArgumentParser:
     pe.add_argument("--batch-size", type=int, default=8, help="windows per batch (default: 8)")
     pe.add_argument("--seq-len", type=int, default=256, help="tokens per window (default: 256)")
     pe.add_argument("--batches", type=int, default=20, help="batches evaluated, from the start of the split (default: 20)")
-    pe.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="autocast dtype (default: fp32)")
+    pe.add_argument("--dtype", default="fp32", choices=["auto", "fp32", "bf16"],
+                    help="autocast dtype; auto: bf16 on CUDA and CPUs with native bf16 (default: fp32)")
     pe.add_argument("--device", default="auto", help=DEVICE_HELP)
     pe.add_argument("--json", action="store_true", help="print JSON")
     pe.set_defaults(func=cmd_eval)

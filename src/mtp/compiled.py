@@ -24,10 +24,9 @@ import weakref
 from typing import Any, Iterator
 
 import torch
-import torch.nn.functional as F
 
 from . import model as model_module
-from .model import Attention, FeedForward, MTPModel, fused_linear, row_block, unfused
+from .model import Attention, FeedForward, MTPModel, decode_linear, fused_linear, row_block, unfused
 
 # Distinct graphs one function may compile before torch.compile would fall back to eager
 # (silently, by default): a benchmark meets several batch sizes, passes and cache lengths.
@@ -135,7 +134,7 @@ class _Probe(torch.nn.Module):
         self.sizes = sizes
 
     def forward(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [unfused(F.linear(x[:m], w, b)) for w, b, x, ms in zip(self.weights, self.biases, xs, self.sizes)
+        return [unfused(decode_linear(x[:m], w, b)) for w, b, x, ms in zip(self.weights, self.biases, xs, self.sizes)
                 for m in ms]
 
 
@@ -167,7 +166,7 @@ def frozen_rows_hold(model: MTPModel) -> bool:
                 got = torch.compile(_Probe(pairs, sizes), fullgraph=True, dynamic=False)(xs)
         finally:
             model_module.FROZEN_TRACE = False
-        want = [F.linear(x[:m], w, b) for (w, b), x, ms in zip(pairs, xs, sizes) for m in ms]
+        want = [decode_linear(x[:m], w, b) for (w, b), x, ms in zip(pairs, xs, sizes) for m in ms]
         _frozen_rows[key] = all(torch.equal(a, b) for a, b in zip(got, want))
     return _frozen_rows[key]
 

@@ -8,6 +8,7 @@ batches that are a pure function of ``(seed, step)`` so training can resume exac
 
 from __future__ import annotations
 
+import fnmatch
 import functools
 import hashlib
 import json
@@ -481,6 +482,7 @@ def prepare(
     *,
     progress: bool = False,
     force: bool = False,
+    exclude: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Tokenize a corpus into ``out_dir`` and return the metadata written to ``meta.json``.
 
@@ -492,6 +494,7 @@ def prepare(
     for identical input. Several files are split by file (``split_files``); a single
     file by position (its last `val_fraction` becomes val). `max_bytes` caps the corpus
     size: whole files are taken in hashed order while they fit (a single file is cut).
+    `exclude`: glob patterns of relative paths (``tkinter/*``, ``*_test.py``) left out.
     """
     _check_fraction(val_fraction)
     if max_bytes is not None and max_bytes <= 0:
@@ -510,6 +513,10 @@ def prepare(
     files = [f for f in files if not f.resolve().is_relative_to(out_abs)]
     if not files:
         raise DataError(f"corpus {source_desc} has no text files outside the output directory {out}")
+    if exclude:
+        files = [f for f in files if not any(fnmatch.fnmatch(_relative(f, root), pat) for pat in exclude)]
+        if not files:
+            raise DataError(f"--exclude {' '.join(exclude)} leaves no files of {source_desc}")
 
     if max_bytes is not None and len(files) > 1:
         files = _cap_files(files, root, max_bytes)
@@ -571,6 +578,7 @@ def prepare(
             "split": "position" if by_position else "file",
             "val_fraction": val_fraction,
             "max_bytes": max_bytes,
+            **({"exclude": list(exclude)} if exclude else {}),
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return meta

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from .compiled import compiled_decoding, eager
+from .hardware import has_amx
 from .model import MTPModel
 
 TokenCallback = Callable[[list[list[int]]], None]
@@ -103,16 +104,6 @@ def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torc
 
 # ----- dtype ------------------------------------------------------------------------------------
 DECODE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def has_amx() -> bool:
-    """True on a CPU with AMX bf16 tiles (Linux), where a bf16 matmul of up to ~32 rows costs
-    about as much as one row, so a verify pass is nearly free."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return any(line.startswith("flags") and " amx_bf16" in line for line in f)
-    except OSError:
-        return False
 
 
 def decode_dtype(name: str, device: torch.device | str) -> torch.dtype:

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .hardware import has_native_bf16
+
 HEAD_TYPES = ("parallel", "linear", "causal", "anticausal", "sequential")
 NORMS = ("rms", "layer")
 MLPS = ("swiglu", "gelu")
@@ -182,7 +184,8 @@ def key_length(positions: Tensor) -> Tensor:
     return (positions + QUERY_SLACK + KEY_BUCKET) // KEY_BUCKET * KEY_BUCKET
 
 
-ROW_BLOCKS = (64, 32, 16, 8, 4, 2)  # candidate blocks, largest first
+ROW_BLOCKS = (64, 32, 16, 8, 4, 2, 1)  # candidate blocks, largest first; 1 (a call per row) always holds
+CALIBRATION_TRIALS = 3  # random inputs per shape: whether two summation orders round alike depends on the data
 _row_blocks: dict[tuple[Any, ...], tuple[int, int, bool]] = {}
 
 
@@ -199,34 +202,82 @@ def row_block(weight: Tensor, bias: Tensor | None = None) -> tuple[int, int, boo
 
 @torch.no_grad()
 def _calibrate(weight: Tensor, bias: Tensor | None) -> tuple[int, int, bool]:
+    if emulated_bf16(weight):  # computed in fp32 (`decode_linear`): the fp32 kernels' blocks
+        most, fewest, _ = _calibrate(weight.float(), None if bias is None else bias.float())
+        return most, fewest, False
     # Kernel choice depends on shapes, not values, but kernels that sum in a different order can
     # still round most rows alike (bf16 outputs of fp32 sums): SmolLM2's bf16 w2 gave the same
-    # bits for one row alone and in a pair on 61 of 64 rows. So every row is compared, on inputs
-    # with a wide range of magnitudes (as real activations have), where the order shows.
+    # bits for one row alone and in a pair on 61 of 64 rows. So every row is compared, on several
+    # inputs with a wide range of magnitudes (as real activations have), where the order shows,
+    # and at every offset in a call: on an Ice Lake Xeon (no AVX512-BF16) a bf16 row rounded
+    # differently at offset 49 of a 64-row call than alone, while calls of the first m rows all
+    # agreed with the 64-row call (session 9).
     g = torch.Generator().manual_seed(0)
     n, k = ROW_BLOCKS[0], weight.shape[1]
-    x = (torch.randn(n, k, generator=g) * torch.exp(2 * torch.randn(n, k, generator=g))).to(weight.device, weight.dtype)
-    full = F.linear(x, weight, bias)
-    single = torch.cat([F.linear(x[i : i + 1], weight, bias) for i in range(n)])
-    pairs = torch.cat([F.linear(x[i : i + 2], weight, bias) for i in range(0, n, 2)])
-    fewest = 1 if torch.equal(single, pairs) else 2
+    xs = [(torch.randn(n, k, generator=g) * torch.exp(2 * torch.randn(n, k, generator=g))).to(weight.device, weight.dtype)
+          for _ in range(CALIBRATION_TRIALS)]
+    calls: dict[tuple[int, int], Tensor] = {}  # (trial, m): F.linear of the first m rows
+    alone: dict[tuple[int, int], Tensor] = {}  # (trial, fewest): each row in a call of `fewest` copies
 
-    def invariant(most: int) -> bool:
-        ref = full if most == ROW_BLOCKS[0] else F.linear(x[:most], weight, bias)
-        return all(torch.equal(F.linear(x[:m], weight, bias), ref[:m]) for m in range(fewest, most))
+    def holds(most: int, fewest: int) -> bool:
+        """Every row of every call of fewest..most rows equals the row alone (in a call of
+        `fewest` copies of it, as `_linear_blocks` pads): no row depends on its neighbours or place.
+        Trials in turn, so a failing candidate costs little."""
+        for t, x in enumerate(xs):
+            if (t, fewest) not in alone:
+                alone[t, fewest] = torch.cat([F.linear(x[i : i + 1].repeat(fewest, 1), weight, bias)[:1]
+                                              for i in range(n)])
+            for m in range(fewest, most + 1):
+                if (t, m) not in calls:
+                    calls[t, m] = F.linear(x[:m], weight, bias)
+                if not torch.equal(calls[t, m], alone[t, fewest][:m]):
+                    return False
+        return True
 
-    # The last candidate, 2, always passes: with fewest = 2 there is nothing to compare, with
-    # fewest = 1 it repeats the check that set fewest.
-    most = next(most for most in ROW_BLOCKS if invariant(most))
+    most, fewest = next(((m, f) for m in ROW_BLOCKS for f in (1, 2) if f <= m and holds(m, f)), (1, 1))
     # Several block counts (a kernel may be picked by the batch size too), each with a partial block.
     # CPU bmm in bf16/fp16 copies the broadcast weight once per block (measured: a 49152 x 576
     # unembedding copied 9 times for a 512-row prefill), so there one call per block is cheaper.
-    batched = weight.dtype == torch.float32 or weight.device.type != "cpu"
+    batched = most > 1 and (weight.dtype == torch.float32 or weight.device.type != "cpu")
     for blocks in (1, 2, 3, 8):
         rows = torch.randn(blocks * most + 1, weight.shape[1], generator=g).to(weight.device, weight.dtype)
         batched = batched and torch.equal(_linear_blocks(rows, weight, bias, most, fewest),
                                           _batched_blocks(rows, weight, bias, most))
     return most, fewest, batched
+
+
+def emulated_bf16(weight: Tensor) -> bool:
+    """A bf16 weight on a CPU without bf16 dot products (AVX512-BF16/AMX). There bf16 matmuls
+    are emulated, and whether a row rounds alike in calls of other sizes depends on the data
+    too rarely for any calibration to see: on an Ice Lake Xeon one output of 23k differed
+    between a 3-row and an 8-row call, and bf16 greedy at batch 8 left greedy alone (session 9).
+    So decoding computes these in fp32 (`decode_linear`), whose row blocks are measured, and
+    rounds the result to bf16."""
+    global _native_bf16
+    if _native_bf16 is None:  # read once (row_block runs before any compiled pass)
+        _native_bf16 = has_native_bf16()
+    return weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and not _native_bf16
+
+
+_native_bf16: bool | None = None
+
+
+def _fp32_copy(weight: Tensor) -> Tensor:
+    """An fp32 copy of a weight, kept on the tensor until the weight changes (in place)."""
+    if torch.compiler.is_compiling():
+        return weight.float()
+    kept = getattr(weight, "_mtp_fp32", None)
+    if kept is None or kept[0] != weight._version:
+        kept = (weight._version, weight.detach().float())
+        weight._mtp_fp32 = kept  # type: ignore[attr-defined]
+    return kept[1]
+
+
+def decode_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """F.linear as decoding computes it: in fp32 for a bf16 weight where bf16 is emulated."""
+    if emulated_bf16(weight):
+        return F.linear(x.float(), _fp32_copy(weight), None if bias is None else bias.float()).to(weight.dtype)
+    return F.linear(x, weight, bias)
 
 
 def _linear_blocks(flat: Tensor, weight: Tensor, bias: Tensor | None, most: int, fewest: int) -> Tensor:
@@ -237,7 +288,7 @@ def _linear_blocks(flat: Tensor, weight: Tensor, bias: Tensor | None, most: int,
         n = part.shape[0]
         if n < fewest:
             part = torch.cat([part] * fewest)
-        parts.append(F.linear(part, weight, bias)[:n])
+        parts.append(decode_linear(part, weight, bias)[:n])
     return torch.cat(parts)
 
 
@@ -263,7 +314,7 @@ def invariant_linear(x: Tensor, weight: Tensor, bias: Tensor | None,
     flat = x.reshape(-1, x.shape[-1])
     m = flat.shape[0]
     if fewest <= m <= most:
-        return unfused(F.linear(x, weight, bias))
+        return unfused(decode_linear(x, weight, bias))
     out = _batched_blocks(flat, weight, bias, most) if batched and m > most else \
         _linear_blocks(flat, weight, bias, most, fewest)
     return unfused(out.view(*x.shape[:-1], weight.shape[0]))
@@ -390,6 +441,7 @@ class Attention(nn.Module):
         self.cache_v: Tensor | None = None
         # [wq; wk; wv], its bias and its row_block while decoding (see `fuse`)
         self.fused: tuple[Tensor, Tensor | None, tuple[int, int, bool]] | None = None
+        self.exact = True  # batch-invariant matmuls while decoding; off in heads that only draft
 
     def fuse(self, on: bool, keep: bool = False) -> None:
         """While decoding, q/k/v come from one matmul over the stacked weights (a copy): fewer,
@@ -399,7 +451,7 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, rope: tuple[Tensor, ...], ctx: "CacheContext | None") -> Tensor:
         B, S, _ = x.shape
         if self.fused is not None:
-            qkv = invariant_linear(x, *self.fused)
+            qkv = invariant_linear(x, *self.fused) if self.exact else F.linear(x, *self.fused[:2])
             q, k, v = qkv.split([self.n_heads * self.head_dim] + [self.n_kv_heads * self.head_dim] * 2, dim=-1)
         else:
             q, k, v = self.wq(x), self.wk(x), self.wv(x)
@@ -420,7 +472,14 @@ class Attention(nn.Module):
             # Cached keys never carry gradients (decoding only; head caches may be views of one buffer).
             self.cache_k[ctx.rows, ctx.slots] = k.detach().to(self.cache_k.dtype)
             self.cache_v[ctx.rows, ctx.slots] = v.detach().to(self.cache_v.dtype)
-            out = self.cached_attention(q, ctx).reshape(B, S, self.n_heads, self.head_dim).transpose(1, 2)
+            if ctx.dense:  # drafts: one call over the whole cache, masked
+                rows = slice(0, B) if ctx.leading else ctx.rows[:, 0]
+                out = F.scaled_dot_product_attention(
+                    q.transpose(1, 2), self.cache_k[rows].transpose(1, 2).to(q.dtype),
+                    self.cache_v[rows].transpose(1, 2).to(q.dtype), attn_mask=ctx.bias,
+                    enable_gqa=self.n_kv_heads != self.n_heads)
+            else:
+                out = self.cached_attention(q, ctx).reshape(B, S, self.n_heads, self.head_dim).transpose(1, 2)
         return self.wo(out.transpose(1, 2).reshape(B, S, -1))
 
     def cached_attention(self, q: Tensor, ctx: "CacheContext") -> Tensor:
@@ -440,7 +499,7 @@ class Attention(nn.Module):
 
 
 def grouped_attention(q: Tensor, cache_k: Tensor, cache_v: Tensor, bias: Tensor,
-                      groups: Sequence[tuple[Tensor, Tensor, int]], rows: slice | Tensor) -> Tensor:
+                      groups: Sequence[tuple[Tensor | None, Tensor | None, int]], rows: slice | Tensor) -> Tensor:
     """Queries q (B * S, H, sdpa_queries, hd) over the cache rows `rows`: one SDPA call per group
     of queries that share a key length (`CacheContext.groups`), (B * S, H, hd).
 
@@ -448,6 +507,16 @@ def grouped_attention(q: Tensor, cache_k: Tensor, cache_v: Tensor, bias: Tensor,
     one bf16 ulp: measured on 1 of 255 to 22 of 1023 key lengths), so every query gets a call
     of its own: queries fold into the batch, each row of keys repeated per query."""
     gqa = cache_k.shape[2] != q.shape[1]
+    if len(groups) == 1 and groups[0][0] is None:  # every query, in order, with the same keys
+        _, own, length = groups[0]
+        keys, values = cache_k[rows, :length], cache_v[rows, :length]
+        if own is not None:  # several queries per row: each gets its own copy of the row's keys
+            keys, values = keys[own], values[own]
+        # Contiguous q and mask, as the gathered ones below: SDPA rounds an expanded (stride-0)
+        # query differently (measured, fp32 CPU).
+        return F.scaled_dot_product_attention(
+            q.contiguous(), keys.transpose(1, 2).to(q.dtype), values.transpose(1, 2).to(q.dtype),
+            attn_mask=bias[..., :length].contiguous(), enable_gqa=gqa)[:, :, 0].contiguous()
     out = q.new_empty(q.shape[0], q.shape[1], q.shape[3])
     for index, own, length in groups:
         # The same ops whether a group holds every query or some (a query must not round
@@ -459,13 +528,14 @@ def grouped_attention(q: Tensor, cache_k: Tensor, cache_v: Tensor, bias: Tensor,
     return out
 
 
-def key_groups(lengths: Tensor, S: int) -> list[tuple[Tensor, Tensor, int]]:
+def key_groups(lengths: Tensor, S: int) -> list[tuple[Tensor | None, Tensor | None, int]]:
     """Queries (flat index b * S + s) grouped by key length: (query indices, each one's input
-    row, key length). One host sync: the distinct lengths."""
+    row, key length); in the usual case, one group of every query in order, the indices are None
+    (and the rows too, with one query per row): nothing to gather. One host sync: the distinct lengths."""
     lo, hi = lengths.aminmax()
     if bool(lo == hi):  # the usual case: every query needs the same keys
         every = torch.arange(lengths.shape[0], device=lengths.device)
-        return [(every, every // S, int(lo))]
+        return [(None, None if S == 1 else every // S, int(lo))]
     distinct = lengths.unique().tolist()
     indices = [(lengths == n).nonzero().squeeze(1) for n in distinct]
     return [(index, index // S, n) for index, n in zip(indices, distinct)]
@@ -500,11 +570,13 @@ class FeedForward(nn.Module):
         """As Attention.fuse: w1 and w3 as one matmul while decoding."""
         self.fused = fused_linear(self, (self.w1, self.w3), keep) if on and self.w3 is not None else None
 
+    exact = True  # as Attention.exact
     def forward(self, x: Tensor) -> Tensor:
         if self.w3 is None:
             return self.w2(F.gelu(self.w1(x), approximate="tanh"))  # GPT-2's gelu_new
         if self.fused is not None:
-            a, b = invariant_linear(x, *self.fused).chunk(2, dim=-1)
+            ab = invariant_linear(x, *self.fused) if self.exact else F.linear(x, *self.fused[:2])
+            a, b = ab.chunk(2, dim=-1)
             return self.w2(F.silu(a) * b)
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
@@ -565,9 +637,12 @@ class CacheContext:
     # Queries grouped by their number of keys (`key_length`), made once per pass: (query indices
     # into B * S, each one's input row, key length). One SDPA call per group and layer. None in a
     # compiled forward: the attention op groups `lengths` (B * S,) itself (see `key_groups`).
-    groups: list[tuple[Tensor, Tensor, int]] | None = None
+    groups: list[tuple[Tensor | None, Tensor | None, int]] | None = None
     lengths: Tensor | None = None
     leading: bool = True  # rows are 0..B-1, so reads can slice the cache instead of gathering
+    # Heads that only draft need no batch invariance (head 1 decides what is kept): one SDPA call
+    # over every cache slot, bias (B, 1, S, cache_len), no groups.
+    dense: bool = False
 
 
 def causal_cache_mask(positions: Tensor, kv_len: int) -> Tensor:
@@ -637,7 +712,7 @@ class DraftStack:
         L = self.cache_k.shape[2]
         keys = self.cache_k[:, rows].reshape(H * B, L, nkv, hd).transpose(1, 2).to(q.dtype)
         values = self.cache_v[:, rows].reshape(H * B, L, nkv, hd).transpose(1, 2).to(q.dtype)
-        mask = ctx.bias[:, :, 0].reshape(1, B, 1, S, L).expand(H, -1, -1, -1, -1).reshape(H * B, 1, S, L)
+        mask = ctx.bias.reshape(1, B, 1, S, L).expand(H, -1, -1, -1, -1).reshape(H * B, 1, S, L)  # dense (drafts)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask,
                                              enable_gqa=nkv != nh)  # (H*B, nh, S, hd)
         h = x + torch.matmul(out.transpose(1, 2).reshape(H, B * S, nh * hd), self.wo)
@@ -687,6 +762,11 @@ class MTPModel(nn.Module):
                 nn.init.normal_(p, std=std)
 
     # ----- structure of the heads -------------------------------------------------------------
+    def drafts_only(self, i: int) -> bool:
+        """Head i (0-based) only proposes drafts: it never feeds head 1, which decides what is
+        kept (anticausal heads do), so its decoding passes need no batch invariance."""
+        return i >= 1 and self.cfg.head_type != "anticausal"
+
     def head_parent(self, i: int) -> int:
         """Index of the head whose output feeds head i (0-based), or -1 for the trunk output."""
         if self.cfg.head_type in ("causal", "sequential"):
@@ -749,7 +829,7 @@ class MTPModel(nn.Module):
 
     def _cached_head(self, i: int, x: Tensor, emb: Tensor | None, input_pos: Tensor, slots: Tensor,
                      rows: Tensor | None = None) -> Tensor:
-        ctx = self.cache_context(x[..., 0], input_pos, slots, None, rows)
+        ctx = self.cache_context(x[..., 0], input_pos, slots, None, rows, dense=self.drafts_only(i))
         return self.run_head(i, x, self.rope(input_pos), ctx, emb=emb)
 
     def head_hidden(self, z: Tensor, rope: tuple[Tensor, ...], ctx: CacheContext | None = None,
@@ -829,7 +909,8 @@ class MTPModel(nn.Module):
         `unembed(h)` without one. For speculative sampling, softmax of these is the draft
         distribution q (zero outside the draft vocabulary)."""
         if self.draft_ids is None:
-            return self.unembed(h)
+            # Eager: one plain matmul (drafts need no batch invariance); compiled: its graph.
+            return self.unembed(h) if self.compiled is not None else F.linear(self.norm(h), self.output.weight)
         small = self.draft_logits(h)  # eager (also when compiled): the draft rows are cached by address
         out = small.new_full((*small.shape[:-1], self.cfg.vocab_size), float("-inf"))
         return out.index_copy_(-1, self.draft_ids, small)
@@ -885,7 +966,7 @@ class MTPModel(nn.Module):
 
     def _later_heads(self, z: Tensor, done: Sequence[Tensor], input_pos: Tensor, heads: int,
                      slots: Tensor | None = None) -> Tensor:
-        ctx = self.cache_context(z[..., 0], input_pos, slots, None)
+        ctx = self.cache_context(z[..., 0], input_pos, slots, None, dense=self.drafts_only(len(done)))
         if self.draft_stack is not None and len(done) == 1 and heads == self.cfg.n_future:
             return self.draft_stack(z, self.rope(input_pos), ctx)
         outs = self.head_hidden(z, self.rope(input_pos), ctx, heads, done)
@@ -969,14 +1050,18 @@ class MTPModel(nn.Module):
                 if m.fused is not None:
                     parts = (m.wq, m.wk, m.wv) if isinstance(m, Attention) else (m.w1, m.w3)
                     fused.update(map(id, parts))
+        drafting = {id(m) for i, head in enumerate(self.heads) if self.drafts_only(i) for m in head.modules()}
         for m in self.modules():
             if isinstance(m, Linear):
                 # Each weight's row blocks measured now (once per shape), not inside a forward.
-                m.invariant = on
-                m.blocks = row_block(m.weight, m.bias) if on and id(m) not in fused else None
+                m.invariant = on and id(m) not in drafting
+                m.blocks = row_block(m.weight, m.bias) if m.invariant and id(m) not in fused else None
+            elif isinstance(m, (Attention, FeedForward)):
+                m.exact = id(m) not in drafting
 
     def cache_context(self, tokens: Tensor, input_pos: Tensor, slots: Tensor | None,
-                      mask: Tensor | None, rows: Tensor | None = None) -> CacheContext:
+                      mask: Tensor | None, rows: Tensor | None = None, dense: bool = False) -> CacheContext:
+        """Where a cached pass reads and writes; `dense`: for heads that only draft (see CacheContext)."""
         B, S = tokens.shape
         if torch.compiler.is_compiling():
             # The cache length from the cache itself, a dynamic size (see setup_cache): a compiled
@@ -998,6 +1083,8 @@ class MTPModel(nn.Module):
         leading = rows is None
         rows = torch.arange(B, device=tokens.device) if rows is None else rows
         bias = torch.zeros(mask.shape, dtype=self.cache_dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+        if dense:
+            return CacheContext(rows=rows[:, None], slots=slots, bias=bias[:, None], leading=leading, dense=True)
         bias = bias.reshape(B * S, 1, 1, -1).expand(-1, -1, sdpa_queries(self.cache_dtype), -1)
         # One host sync per pass (not per layer): which queries share a key length. Positions
         # past the cache (padding of finished rows) are capped; no real token gets there. A

@@ -27,6 +27,7 @@ from . import base_cache as base_cache_io
 from . import checkpoint as ckpt_io
 from . import distributed, fsutil
 from .data import TokenData, Tokenizer, validation_batches
+from .hardware import train_dtype
 from .loss import IGNORE, align_targets, base_kind, mtp_backward
 from .model import ConfigError, ModelConfig, MTPModel
 from .train_config import (CheckpointConfig, DataConfig, FinetuneConfig, ModelSpec, OptimizerConfig, RuntimeConfig,
@@ -301,6 +302,7 @@ def _discard(out: Path, keep_dir: bool) -> None:
 def _train(cfg: TrainConfig, dist: distributed.DistInfo, stop_after: int | None,
            on_log: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]:
     device = dist.device
+    amp = train_dtype(cfg.runtime.dtype, device)
     strategy = distributed.resolve_strategy(cfg.runtime.parallel, dist)
     # Every rank builds the same initial weights from the seed (FSDP2 shards them in place).
     torch.manual_seed(cfg.data.seed)
@@ -372,7 +374,7 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo, stop_after: int | None,
         layout = f"; {dist.world_size} processes ({strategy})" if dist.is_distributed else ""
         print(f"model: {mcfg.n_trunk} trunk blocks + {mcfg.n_future} {mcfg.head_type} heads, dim {mcfg.dim}, "
               f"vocab {mcfg.vocab_size}, {model.num_params() / 1e6:.2f}M parameters; "
-              f"{len(train_data.tokens):,} training tokens; device {device}{layout}"
+              f"{len(train_data.tokens):,} training tokens; device {device}, {amp}{layout}"
               + (f"; resuming at step {start}" if start else ""), flush=True)
     cache = (None if cfg.finetuning.base_cache is None or start >= cfg.optimizer.steps
              else _base_cache(cfg, model, train_data, dist))
@@ -393,7 +395,7 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo, stop_after: int | None,
                                                seed=cfg.data.seed, rank=dist.rank, world_size=dist.world_size)
             batch = train_data.gather(windows, seq_len, mcfg.n_future).to(device)
             base = None if cache is None else cache.get(windows, device, next(model.parameters()).dtype)
-            with micro_batch(micro == accum - 1), autocast(device, cfg.runtime.dtype):
+            with micro_batch(micro == accum - 1), autocast(device, amp):
                 _, per_head = mtp_backward(runner, batch, cfg.optimizer.head_weights, seq_len=seq_len,  # type: ignore[arg-type]
                                            chunk_size=cfg.runtime.chunk_size, loss_scale=1.0 / accum,
                                            targets=cfg.finetuning.targets, distill_topk=cfg.finetuning.distill_topk,
@@ -435,7 +437,7 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo, stop_after: int | None,
         eval_every, save_every = cfg.checkpointing.eval_every, cfg.checkpointing.save_every
         if val_data is not None and ((eval_every and done % eval_every == 0) or last):
             final_eval = evaluate(runner, val_data, cfg.data.batch_size, cfg.data.seq_len,
-                                  cfg.checkpointing.eval_batches, device, cfg.runtime.dtype, dist)
+                                  cfg.checkpointing.eval_batches, device, amp, dist)
             if isinstance(runner, distributed.ParallelMTP):
                 runner.reshard()
             rec = {"kind": "val", "step": done, "loss": final_eval["loss"][0], "head_loss": final_eval["loss"],
@@ -479,7 +481,7 @@ def _base_cache(cfg: TrainConfig, model: MTPModel, train_data: TokenData,
     ft = cfg.finetuning
     path = Path(cfg.checkpointing.out) / BASE_CACHE_AUTO if ft.base_cache == "auto" else Path(ft.base_cache or "")
     topk = {"data": 0, "self": 1, "distill": ft.distill_topk}[ft.targets]
-    spec = base_cache_io.CacheSpec(kind=kind, topk=topk, dtype=ft.base_cache_dtype, autocast=cfg.runtime.dtype)
+    spec = base_cache_io.CacheSpec(kind=kind, topk=topk, dtype=ft.base_cache_dtype, autocast=train_dtype(cfg.runtime.dtype, dist.device))
     cache, _ = base_cache_io.ensure_cache(path, model, train_data, cfg.data.seq_len, model.cfg.n_future, spec,
                                           batch_size=cfg.data.batch_size, chunk_size=cfg.runtime.chunk_size,
                                           device=dist.device, progress=cfg.checkpointing.progress)

@@ -125,7 +125,8 @@ class RuntimeConfig(_Section):
     KEY: ClassVar[str] = "runtime"
 
     device: str = opt("auto", "auto (cuda if available, else cpu), cpu, cuda or cuda:N")
-    dtype: str = opt("bf16", "autocast dtype of the forward pass", ("bf16", "fp32"))
+    dtype: str = opt("auto", "autocast dtype of the forward pass; auto: bf16 on CUDA and on CPUs with native bf16 "
+                     "(AVX512-BF16/AMX), fp32 elsewhere", ("auto", "bf16", "fp32"))
     chunk_size: int | None = opt(2048, "positions per cross-entropy chunk (saves memory); none: all at once",
                                  minimum=1)
     compile: bool = opt(False, "torch.compile the trunk and head blocks")
