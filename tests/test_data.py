@@ -334,6 +334,21 @@ def test_prepare_max_bytes_too_small(tmp_path: Path) -> None:
         prepare(src, tmp_path / "out", tokenizer="byte", max_bytes=10)
 
 
+def test_prepare_exclude_leaves_out_matching_files(tmp_path: Path) -> None:
+    files = {"gui/tk.py": "tk.call(1)\n" * 5, "gui/sub/more.py": "tk.call(2)\n", "core.py": "x = 1\n",
+             "util.py": "y = 2\n", "data.txt": "zz\n"}
+    src = _write_tree(tmp_path / "src", files)
+    meta = prepare(src, tmp_path / "out", tokenizer="byte", val_fraction=0.3, exclude=["gui/*", "*.txt"])
+    assert meta["n_files"] == 2 and meta["exclude"] == ["gui/*", "*.txt"]
+    kept = bytes(np.concatenate([np.fromfile(tmp_path / "out" / f"{s}.bin", dtype=np.uint16)
+                                 for s in ("train", "val")]).astype(np.uint8).tolist())
+    assert b"tk.call" not in kept and b"zz" not in kept and b"x = 1" in kept and b"y = 2" in kept
+    assert "exclude" not in prepare(src, tmp_path / "all", tokenizer="byte", val_fraction=0.3)
+    with pytest.raises(DataError, match="leaves no files"):
+        prepare(src, tmp_path / "none", tokenizer="byte", exclude=["*"])
+    assert not (tmp_path / "none").exists()
+
+
 # ------------------------------------------------------------------------- TokenData
 
 
