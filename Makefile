@@ -31,7 +31,7 @@ demo: setup
 		--head-weights 1 0.25 0.25 0.25 --steps $(DEMO_STEPS) --batch-size 4 --seq-len 256 --lr 5e-3 --warmup 10 \
 		--eval-every 200 --save-every 200 --resume $(DEMO_ARGS)
 	$(MTP) eval --checkpoint $(DEMO_RUN) --data $(DEMO_DATA) --dtype auto
-	$(MTP) generate --checkpoint $(DEMO_RUN) --prompt "$$(printf 'class Point:\n    def __init__(self, x, y):\n        self.x = x\n        ')" \
+	$(MTP) generate --checkpoint $(DEMO_RUN) --prompt "$$(printf 'class Point:\n    def __init__(self, x, y):\n        self.x = x\n')" \
 		--max-new-tokens 64 --speculative 1
 	$(MTP) bench decode --checkpoint $(DEMO_RUN) --max-new-tokens 64 --batch-size 1 16 --repeats 1 \
 		--modes greedy spec1 spec2 spec3 lookup3

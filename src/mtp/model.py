@@ -210,8 +210,8 @@ def _calibrate(weight: Tensor, bias: Tensor | None) -> tuple[int, int, bool]:
     # bits for one row alone and in a pair on 61 of 64 rows. So every row is compared, on several
     # inputs with a wide range of magnitudes (as real activations have), where the order shows,
     # and at every offset in a call: on an Ice Lake Xeon (no AVX512-BF16) a bf16 row rounded
-    # differently at offset 49 of a 64-row call than alone, while calls of the first m rows all
-    # agreed with the 64-row call (session 9).
+    # differently at offset 7 of a 64-row call than at offset 22 of a 45-row call, while calls of
+    # the first m rows all agreed with the 64-row call (session 9).
     g = torch.Generator().manual_seed(0)
     n, k = ROW_BLOCKS[0], weight.shape[1]
     xs = [(torch.randn(n, k, generator=g) * torch.exp(2 * torch.randn(n, k, generator=g))).to(weight.device, weight.dtype)
@@ -234,7 +234,7 @@ def _calibrate(weight: Tensor, bias: Tensor | None) -> tuple[int, int, bool]:
                     return False
         return True
 
-    most, fewest = next(((m, f) for m in ROW_BLOCKS for f in (1, 2) if f <= m and holds(m, f)), (1, 1))
+    most, fewest = next((m, f) for m in ROW_BLOCKS for f in (1, 2) if f <= m and holds(m, f))  # (1, 1) holds
     # Several block counts (a kernel may be picked by the batch size too), each with a partial block.
     # CPU bmm in bf16/fp16 copies the broadcast weight once per block (measured: a 49152 x 576
     # unembedding copied 9 times for a 512-row prefill), so there one call per block is cheaper.
@@ -249,8 +249,8 @@ def _calibrate(weight: Tensor, bias: Tensor | None) -> tuple[int, int, bool]:
 def emulated_bf16(weight: Tensor) -> bool:
     """A bf16 weight on a CPU without bf16 dot products (AVX512-BF16/AMX). There bf16 matmuls
     are emulated, and whether a row rounds alike in calls of other sizes depends on the data
-    too rarely for any calibration to see: on an Ice Lake Xeon one output of 23k differed
-    between a 3-row and an 8-row call, and bf16 greedy at batch 8 left greedy alone (session 9).
+    too rarely for any calibration to see: on an Ice Lake Xeon one of the 192 outputs of a
+    3-row call differed from the same row at offset 7 of an 8-row call, and bf16 greedy at batch 8 left greedy alone (session 9).
     So decoding computes these in fp32 (`decode_linear`), whose row blocks are measured, and
     rounds the result to bf16."""
     global _native_bf16
@@ -565,12 +565,12 @@ class FeedForward(nn.Module):
         self.w2 = Linear(cfg.ffn_dim, cfg.dim, bias=cfg.bias)
         self.w3 = Linear(cfg.dim, cfg.ffn_dim, bias=cfg.bias) if cfg.mlp == "swiglu" else None
         self.fused: tuple[Tensor, Tensor | None, tuple[int, int, bool]] | None = None  # [w1; w3] while decoding
+        self.exact = True  # as Attention.exact
 
     def fuse(self, on: bool, keep: bool = False) -> None:
         """As Attention.fuse: w1 and w3 as one matmul while decoding."""
         self.fused = fused_linear(self, (self.w1, self.w3), keep) if on and self.w3 is not None else None
 
-    exact = True  # as Attention.exact
     def forward(self, x: Tensor) -> Tensor:
         if self.w3 is None:
             return self.w2(F.gelu(self.w1(x), approximate="tanh"))  # GPT-2's gelu_new

@@ -377,7 +377,7 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo, stop_after: int | None,
               f"{len(train_data.tokens):,} training tokens; device {device}, {amp}{layout}"
               + (f"; resuming at step {start}" if start else ""), flush=True)
     cache = (None if cfg.finetuning.base_cache is None or start >= cfg.optimizer.steps
-             else _base_cache(cfg, model, train_data, dist))
+             else _base_cache(cfg, model, train_data, dist, amp))
     bar = _progress(cfg, start, dist.is_main)
     end = cfg.optimizer.steps if stop_after is None else min(cfg.optimizer.steps, start + stop_after)
     final_eval: dict[str, list[float]] | None = None
@@ -473,15 +473,16 @@ BASE_CACHE_AUTO = "base-cache"  # base_cache=auto: this directory inside the run
 
 
 def _base_cache(cfg: TrainConfig, model: MTPModel, train_data: TokenData,
-                dist: distributed.DistInfo) -> base_cache_io.BaseCache:
-    """The frozen base's outputs on the training split (see mtp.base_cache), reused or built."""
+                dist: distributed.DistInfo, amp: str) -> base_cache_io.BaseCache:
+    """The frozen base's outputs on the training split (see mtp.base_cache), reused or built
+    under autocast `amp` (the resolved --dtype)."""
     if dist.is_distributed:
         raise ConfigError("base_cache runs in one process; drop it under torchrun")
     kind = base_kind(model.cfg.head_type)  # refuses anticausal heads
     ft = cfg.finetuning
     path = Path(cfg.checkpointing.out) / BASE_CACHE_AUTO if ft.base_cache == "auto" else Path(ft.base_cache or "")
     topk = {"data": 0, "self": 1, "distill": ft.distill_topk}[ft.targets]
-    spec = base_cache_io.CacheSpec(kind=kind, topk=topk, dtype=ft.base_cache_dtype, autocast=train_dtype(cfg.runtime.dtype, dist.device))
+    spec = base_cache_io.CacheSpec(kind=kind, topk=topk, dtype=ft.base_cache_dtype, autocast=amp)
     cache, _ = base_cache_io.ensure_cache(path, model, train_data, cfg.data.seq_len, model.cfg.n_future, spec,
                                           batch_size=cfg.data.batch_size, chunk_size=cfg.runtime.chunk_size,
                                           device=dist.device, progress=cfg.checkpointing.progress)
