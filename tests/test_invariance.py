@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from mtp import generate, speculative_generate
-from mtp.model import _calibrate, invariant_linear
+from mtp.model import _calibrate, grouped_attention, invariant_linear, key_groups, key_length, sdpa_queries
 from mtp.speculative import tree_generate
 
 from conftest import tiny_model
@@ -56,6 +56,33 @@ def test_calibrated_blocks_hold_on_activations_with_outliers(dtype, seed):
     for m in (2, 3, 4, 5, 17, 64, 96):
         together = torch.cat([invariant_linear(x[i : i + m], w, None, blocks) for i in range(0, 96, m)])
         assert torch.equal(together, alone), (m, blocks)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads", [(4, 2), (4, 4)])
+def test_folded_attention_equals_a_call_per_query(dtype, heads):
+    # A verify pass folds each row's queries into extra heads (`fold_queries`) and groups rows by
+    # key length; every query must come out as in a greedy step, where it is alone in its call.
+    H, H_kv = heads
+    g = torch.Generator().manual_seed(0)
+    dt, B, S, hd, L = DTYPES[dtype], 6, 4, 16, 160
+    cache_k, cache_v = (torch.randn(B, L, H_kv, hd, generator=g).to(dt) for _ in range(2))
+    q = (2 * torch.randn(B, S, H, hd, generator=g)).to(dt)
+    base = torch.tensor([3, 27, 29, 60, 61, 90])  # rows straddling key-length buckets, and not
+    positions = base[:, None] + torch.arange(S)
+    visible = torch.arange(L)[None, None, :] <= positions[:, :, None]
+    bias = torch.zeros(B, S, L, dtype=dt).masked_fill_(~visible, float("-inf"))
+    bias = bias[:, :, None].expand(-1, -1, sdpa_queries(dt), -1)
+    lengths = key_length(positions)
+    groups = key_groups(lengths, bias, H)
+    assert len(groups) > 1 and any(take is not None for _, take, _, _ in groups)  # the general path is taken
+    out = grouped_attention(q, cache_k, cache_v, groups, slice(0, B)).view(B, H, S, hd)
+    for b in range(B):
+        for s in range(S):
+            one = grouped_attention(q[b : b + 1, s : s + 1], cache_k, cache_v,
+                                    key_groups(lengths[b : b + 1, s : s + 1], bias[b : b + 1, s : s + 1], H),
+                                    torch.tensor([b]))
+            assert torch.equal(out[b, :, s], one[0]), (b, s)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

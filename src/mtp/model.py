@@ -170,10 +170,11 @@ PRESETS: dict[str, dict[str, Any]] = {
 # block of rows, and the fewest rows, for which every row comes out the same; cached forwards
 # cut matmuls into such blocks. SDPA rounds a query differently with other queries in the call
 # (bf16: rarely, by one ulp; fp32: one query vs two), and with the number of keys (fp32, unless
-# both are multiples of 512). So every query gets a call of its own (padded to two queries in
-# fp32), over a number of keys that depends on its position alone (`key_length`): a greedy step
-# and a verify pass give a token at position p the same keys, and it is not charged for the
-# whole cache (which an earlier version attended over, rounded up to 512 slots in fp32).
+# both are multiples of 512). So every query is alone in its (batch row, head) of the call (two
+# copies of it in fp32; the queries of a verify pass become extra heads, see `fold_queries`),
+# over a number of keys that depends on its position alone (`key_length`): a greedy step and a
+# verify pass give a token at position p the same keys, and it is not charged for the whole
+# cache (which an earlier version attended over, rounded up to 512 slots in fp32).
 KEY_BUCKET = 32  # key lengths are multiples of this: few distinct lengths, so few SDPA calls per pass
 QUERY_SLACK = 32  # slots a query may need past its position (tree nodes sit in slots base + node index)
 
@@ -479,81 +480,110 @@ class Attention(nn.Module):
                     self.cache_v[rows].transpose(1, 2).to(q.dtype), attn_mask=ctx.bias,
                     enable_gqa=self.n_kv_heads != self.n_heads)
             else:
-                out = self.cached_attention(q, ctx).reshape(B, S, self.n_heads, self.head_dim).transpose(1, 2)
+                out = self.cached_attention(q, ctx).view(B, self.n_heads, S, self.head_dim)
         return self.wo(out.transpose(1, 2).reshape(B, S, -1))
 
     def cached_attention(self, q: Tensor, ctx: "CacheContext") -> Tensor:
-        """Attention of queries q (B, S, H, hd) over the cache, (B * S, H, hd); see `key_length`
-        and `grouped_attention`. Without precomputed groups (a compiled forward, which must not
-        sync with the host) the grouping happens inside the opaque op `mtp::cached_attention`."""
+        """Attention of queries q (B, S, H, hd) over the cache, (B, H * S, hd) (see `fold_queries`,
+        `key_length` and `grouped_attention`). Without precomputed groups (a compiled forward,
+        which must not sync with the host) the grouping happens inside the opaque op
+        `mtp::cached_attention`."""
         assert self.cache_k is not None and self.cache_v is not None
-        B, S = q.shape[:2]
-        q = q.reshape(B * S, 1, self.n_heads, self.head_dim).transpose(1, 2)
-        q = q.expand(-1, -1, ctx.bias.shape[2], -1)  # sdpa_queries copies of each query
         if ctx.groups is None:
             assert ctx.lengths is not None
             return torch.ops.mtp.cached_attention(q, self.cache_k, self.cache_v, ctx.bias, ctx.lengths,
-                                                  ctx.rows[:, 0], ctx.leading, S)
-        rows = slice(0, B) if ctx.leading else ctx.rows[:, 0]
-        return grouped_attention(q, self.cache_k, self.cache_v, ctx.bias, ctx.groups, rows)
+                                                  ctx.rows[:, 0], ctx.leading)
+        rows = slice(0, q.shape[0]) if ctx.leading else ctx.rows[:, 0]
+        return grouped_attention(q, self.cache_k, self.cache_v, ctx.groups, rows)
 
 
-def grouped_attention(q: Tensor, cache_k: Tensor, cache_v: Tensor, bias: Tensor,
-                      groups: Sequence[tuple[Tensor | None, Tensor | None, int]], rows: slice | Tensor) -> Tensor:
-    """Queries q (B * S, H, sdpa_queries, hd) over the cache rows `rows`: one SDPA call per group
-    of queries that share a key length (`CacheContext.groups`), (B * S, H, hd).
-
-    SDPA rounds a query differently depending on how many queries share the call (rarely, by
-    one bf16 ulp: measured on 1 of 255 to 22 of 1023 key lengths), so every query gets a call
-    of its own: queries fold into the batch, each row of keys repeated per query."""
-    gqa = cache_k.shape[2] != q.shape[1]
-    if len(groups) == 1 and groups[0][0] is None:  # every query, in order, with the same keys
-        _, own, length = groups[0]
-        keys, values = cache_k[rows, :length], cache_v[rows, :length]
-        if own is not None:  # several queries per row: each gets its own copy of the row's keys
-            keys, values = keys[own], values[own]
-        # Contiguous q and mask, as the gathered ones below: SDPA rounds an expanded (stride-0)
-        # query differently (measured, fp32 CPU).
-        return F.scaled_dot_product_attention(
-            q.contiguous(), keys.transpose(1, 2).to(q.dtype), values.transpose(1, 2).to(q.dtype),
-            attn_mask=bias[..., :length].contiguous(), enable_gqa=gqa)[:, :, 0].contiguous()
-    out = q.new_empty(q.shape[0], q.shape[1], q.shape[3])
-    for index, own, length in groups:
-        # The same ops whether a group holds every query or some (a query must not round
-        # differently because another one, elsewhere in the pass, needs more keys).
-        keys = cache_k[rows, :length][own].transpose(1, 2).to(q.dtype)
-        values = cache_v[rows, :length][own].transpose(1, 2).to(q.dtype)
-        out[index] = F.scaled_dot_product_attention(
-            q[index], keys, values, attn_mask=bias[index, ..., :length], enable_gqa=gqa)[:, :, 0]
-    return out
+def fold_queries(q: Tensor, copies: int) -> Tensor:
+    """Queries (B, S, H, hd) as (B, H * S, copies, hd): the S queries of a row become extra heads,
+    query s of head h at h * S + s, so grouped-query attention still gives it head h's keys, and
+    each is alone in its (row, head) of an SDPA call, as in a greedy step, without a copy of the
+    row's keys per query. `copies` of each query: see `sdpa_queries`. SDPA gives a (row, head)
+    the same bits however many rows and heads share the call (measured: fp32 and bf16, 4/2 and
+    9/3 heads, 32..1024 keys)."""
+    B, S, H, hd = q.shape
+    return q.transpose(1, 2).reshape(B, H * S, 1, hd).expand(-1, -1, copies, -1).contiguous()
 
 
-def key_groups(lengths: Tensor, S: int) -> list[tuple[Tensor | None, Tensor | None, int]]:
-    """Queries (flat index b * S + s) grouped by key length: (query indices, each one's input
-    row, key length); in the usual case, one group of every query in order, the indices are None
-    (and the rows too, with one query per row): nothing to gather. One host sync: the distinct lengths."""
+def fold_mask(bias: Tensor, heads: int) -> Tensor:
+    """Per-query masks (B, S, copies, L) laid out as `fold_queries` lays out the queries: (B, 1,
+    copies, L), broadcast over heads, when S == 1; else (B, heads * S, copies, L), a copy."""
+    B, S, copies, L = bias.shape
+    if S == 1:
+        return bias
+    return bias[:, None].expand(B, heads, S, copies, L).reshape(B, heads * S, copies, L)
+
+
+# A group of queries that share a key length: (input rows holding any of them, or None for every
+# row; which of those rows' queries (R, S) are in the group, or None for all; key length; the
+# group's mask, laid out for `fold_queries`).
+KeyGroup = tuple[Tensor | None, Tensor | None, int, Tensor]
+
+
+def key_groups(lengths: Tensor, bias: Tensor, heads: int) -> list[KeyGroup]:
+    """Queries grouped by key length (lengths (B, S), masks bias (B, S, copies, L)); in the usual
+    case one group, every row, nothing to gather. Host syncs: the distinct lengths and their rows."""
     lo, hi = lengths.aminmax()
     if bool(lo == hi):  # the usual case: every query needs the same keys
-        every = torch.arange(lengths.shape[0], device=lengths.device)
-        return [(None, None if S == 1 else every // S, int(lo))]
-    distinct = lengths.unique().tolist()
-    indices = [(lengths == n).nonzero().squeeze(1) for n in distinct]
-    return [(index, index // S, n) for index, n in zip(indices, distinct)]
+        n = int(lo)
+        return [(None, None, n, fold_mask(bias[..., :n], heads).contiguous())]
+    groups: list[KeyGroup] = []
+    for n in lengths.unique().tolist():
+        hit = lengths == n
+        index = hit.any(1).nonzero().squeeze(1)
+        take = hit[index]
+        groups.append((index, None if bool(take.all()) else take, n,
+                       fold_mask(bias[index, ..., :n], heads).contiguous()))
+    return groups
+
+
+def grouped_attention(q: Tensor, cache_k: Tensor, cache_v: Tensor, groups: Sequence[KeyGroup],
+                      rows: slice | Tensor) -> Tensor:
+    """Queries q (B, S, H, hd) over the cache rows `rows`: one SDPA call per group of queries that
+    share a key length (`key_groups`), each query alone in its (row, head) (`fold_queries`),
+    (B, H * S, hd). A row whose queries need different lengths joins several calls; each keeps
+    the queries of its own length. The masks are contiguous, as a greedy step's are."""
+    B, S, H, _ = q.shape
+    folded = fold_queries(q, groups[0][3].shape[2])
+    gqa = cache_k.shape[2] != folded.shape[1]
+    if len(groups) == 1 and groups[0][0] is None:  # every row, every query, the same keys
+        _, _, length, mask = groups[0]
+        return F.scaled_dot_product_attention(
+            folded, cache_k[rows, :length].transpose(1, 2).to(q.dtype),
+            cache_v[rows, :length].transpose(1, 2).to(q.dtype), attn_mask=mask, enable_gqa=gqa)[:, :, 0].contiguous()
+    out = folded.new_empty(B, H * S, folded.shape[3])
+    for index, take, length, mask in groups:
+        # The same ops whether a group holds every row or some (a query must not round
+        # differently because another one, elsewhere in the pass, needs more keys).
+        index = torch.arange(B, device=q.device) if index is None else index
+        cache_rows = index if isinstance(rows, slice) else rows[index]
+        keys = cache_k[:, :length].index_select(0, cache_rows).transpose(1, 2).to(q.dtype)  # index_select:
+        values = cache_v[:, :length].index_select(0, cache_rows).transpose(1, 2).to(q.dtype)  # 3x faster than []
+        res = F.scaled_dot_product_attention(folded[index], keys, values, attn_mask=mask, enable_gqa=gqa)[:, :, 0]
+        if take is not None:  # keep only this length's queries; the rows' others come from their own groups
+            keep = take[:, None, :, None].expand(-1, H, -1, -1).reshape(len(index), H * S, 1)
+            res = torch.where(keep, res, out[index])
+        out[index] = res
+    return out
 
 
 @torch.library.custom_op("mtp::cached_attention", mutates_args=())
 def _cached_attention_op(q: Tensor, cache_k: Tensor, cache_v: Tensor, bias: Tensor, lengths: Tensor,
-                         rows: Tensor, leading: bool, S: int) -> Tensor:
+                         rows: Tensor, leading: bool) -> Tensor:
     """`grouped_attention` with the grouping done here, at run time: a compiled forward keeps its
     shapes static (the keys attended vary with the positions) and never syncs with the host."""
-    return grouped_attention(q, cache_k, cache_v, bias, key_groups(lengths, S),
+    return grouped_attention(q, cache_k, cache_v, key_groups(lengths, bias, q.shape[2]),
                              slice(0, rows.shape[0]) if leading else rows)
 
 
 @_cached_attention_op.register_fake
 def _(q: Tensor, cache_k: Tensor, cache_v: Tensor, bias: Tensor, lengths: Tensor, rows: Tensor,
-      leading: bool, S: int) -> Tensor:
-    return q.new_empty(q.shape[0], q.shape[1], q.shape[3])
+      leading: bool) -> Tensor:
+    B, S, H, hd = q.shape
+    return q.new_empty(B, H * S, hd)
 
 
 class FeedForward(nn.Module):
@@ -631,13 +661,12 @@ class CacheContext:
     rows: Tensor  # (B, 1) cache row of each input row, broadcast against slots
     slots: Tensor  # (B, S) cache slot written by each input token
     # Which slots each query sees, as an additive mask (0 / -inf) in the cache's dtype, made once
-    # per pass for every layer, in the shape the per-query SDPA calls take:
-    # (B * S, 1, sdpa_queries, cache_len), query (b, s) at row b * S + s.
+    # per pass for every layer: (B, S, sdpa_queries, cache_len).
     bias: Tensor
-    # Queries grouped by their number of keys (`key_length`), made once per pass: (query indices
-    # into B * S, each one's input row, key length). One SDPA call per group and layer. None in a
-    # compiled forward: the attention op groups `lengths` (B * S,) itself (see `key_groups`).
-    groups: list[tuple[Tensor | None, Tensor | None, int]] | None = None
+    # Queries grouped by their number of keys (`key_length`), with their masks, made once per
+    # pass (`key_groups`): one SDPA call per group and layer. None in a compiled forward: the
+    # attention op groups `lengths` (B, S) itself.
+    groups: list[KeyGroup] | None = None
     lengths: Tensor | None = None
     leading: bool = True  # rows are 0..B-1, so reads can slice the cache instead of gathering
     # Heads that only draft need no batch invariance (head 1 decides what is kept): one SDPA call
@@ -1085,12 +1114,12 @@ class MTPModel(nn.Module):
         bias = torch.zeros(mask.shape, dtype=self.cache_dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
         if dense:
             return CacheContext(rows=rows[:, None], slots=slots, bias=bias[:, None], leading=leading, dense=True)
-        bias = bias.reshape(B * S, 1, 1, -1).expand(-1, -1, sdpa_queries(self.cache_dtype), -1)
-        # One host sync per pass (not per layer): which queries share a key length. Positions
+        bias = bias[:, :, None].expand(-1, -1, sdpa_queries(self.cache_dtype), -1)
+        # Host syncs once per pass (not per layer): which queries share a key length. Positions
         # past the cache (padding of finished rows) are capped; no real token gets there. A
         # compiled forward leaves the grouping to the attention op (once per layer).
-        lengths = key_length(input_pos).clamp(max=kv_len).reshape(-1)
-        groups = None if torch.compiler.is_compiling() else key_groups(lengths, S)
+        lengths = key_length(input_pos).clamp(max=kv_len)
+        groups = None if torch.compiler.is_compiling() else key_groups(lengths, bias, self.cfg.n_heads)
         return CacheContext(rows=rows[:, None], slots=slots, bias=bias, groups=groups, lengths=lengths,
                             leading=leading)
 
