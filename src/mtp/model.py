@@ -413,19 +413,20 @@ class Embedding(nn.Embedding):
 
 
 def rope_tables(head_dim: int, positions: Tensor, theta: float) -> tuple[Tensor, Tensor]:
-    """cos/sin for the half-rotation RoPE convention (as in Hugging Face Llama), shape (*pos, hd)."""
+    """cos and signed sin for the half-rotation RoPE convention (as in Hugging Face Llama), shape
+    (*pos, hd): sin's first half is negated, so that `apply_rope` rotates with one roll."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
     angles = positions.to(torch.float32)[..., None] * inv_freq
-    angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos(), angles.sin()
+    cos, sin = angles.cos(), angles.sin()
+    return torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    # x: (B, S, H, hd); cos/sin: (B, S, hd) -> broadcast over heads.
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
-    return (x.float() * cos + rotated.float() * sin).type_as(x)
+def apply_rope(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
+    """x (B, S, H, hd), tables (B, S, hd) from `rope_tables`, broadcast over heads:
+    x * cos + [x2, x1] * [-sin, sin], the same bits as x * cos + [-x2, x1] * sin in fewer ops."""
+    x32 = x.float()
+    rotated = x32.roll(x.shape[-1] // 2, dims=-1)
+    return (x32 * cos[:, :, None, :] + rotated * signed_sin[:, :, None, :]).type_as(x)
 
 
 class Attention(nn.Module):
@@ -451,16 +452,19 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, rope: tuple[Tensor, ...], ctx: "CacheContext | None") -> Tensor:
         B, S, _ = x.shape
+        H, H_kv, hd = self.n_heads, self.n_kv_heads, self.head_dim
         if self.fused is not None:
             qkv = invariant_linear(x, *self.fused) if self.exact else F.linear(x, *self.fused[:2])
-            q, k, v = qkv.split([self.n_heads * self.head_dim] + [self.n_kv_heads * self.head_dim] * 2, dim=-1)
+            qk, v = qkv.reshape(B, S, H + 2 * H_kv, hd).split([H + H_kv, H_kv], dim=2)
+            if self.use_rope:  # q and k side by side: one rotation (elementwise, so the same bits)
+                qk = apply_rope(qk, *rope)
+            q, k = qk.split([H, H_kv], dim=2)
         else:
-            q, k, v = self.wq(x), self.wk(x), self.wv(x)
-        q = q.reshape(B, S, self.n_heads, self.head_dim)
-        k = k.reshape(B, S, self.n_kv_heads, self.head_dim)
-        v = v.reshape(B, S, self.n_kv_heads, self.head_dim)
-        if self.use_rope:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            q = self.wq(x).reshape(B, S, H, hd)
+            k = self.wk(x).reshape(B, S, H_kv, hd)
+            v = self.wv(x).reshape(B, S, H_kv, hd)
+            if self.use_rope:
+                q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if ctx is None:
             out = F.scaled_dot_product_attention(
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),

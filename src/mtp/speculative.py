@@ -349,18 +349,18 @@ class SequentialDrafter:
         starts, lasts = start.tolist(), last.tolist()
         known = [self.tokens(r, s + 1, e + 1) for r, s, e in zip(rows, starts, lasts)]
         width = max(map(len, known)) + 1 + self.depth
-        seq = torch.zeros(R, width, dtype=torch.long, device=device)
-        for i, toks in enumerate(known):
-            seq[i, : len(toks)] = torch.tensor(toks, dtype=torch.long)
+        # One host-to-tensor copy per call, not one per row (small ops dominate a draft at this size).
+        seq = torch.tensor([t + [0] * (width - len(t)) for t in known], dtype=torch.long, device=device)
         n_known = torch.tensor([len(t) for t in known], device=device)
         seq[arange_r, n_known] = pending
         out = []
         for j in range(1, self.depth + 1):
-            first = (start - (j - 1)).clamp(min=0)  # (R,)
+            firsts = [max(s - (j - 1), 0) for s in starts]
+            first = torch.tensor(firsts, device=device)  # (R,)
             if is_compiled(model):  # one shape per head and batch: the widest window after a verify pass
                 span = self.depth + j
-            else:
-                span = int((last - first).max()) + 1
+            else:  # from the host's copies: no sync
+                span = max(e - f for e, f in zip(lasts, firsts)) + 1
             pos = first[:, None] + torch.arange(span, device=device)
             slots = scratch_slots(pos, self.cache_len)
             x = self.hidden[j - 1, index[:, None], slots]
