@@ -35,7 +35,9 @@ def test_compiled_modes_equal_eager_greedy(dtype, head_type):
     assert min(len(set(t)) for t in greedy) > 5  # varied output, not one repeated token
     if dtype == "bf16":
         greedy = generate(model, ps, n, batch_size=4, compile=True).tokens
-    for batch in (1, 3):
+    # bf16 at batch 3 only, against its batch-4 greedy (batch 1 compiles another set of frozen
+    # graphs: about 40 s of the suite's 8-10 min); fp32 covers batch 1.
+    for batch in (1, 3) if dtype == "fp32" else (3,):
         assert generate(model, ps, n, batch_size=batch, compile=True).tokens == greedy, batch
         assert speculative_generate(model, ps, n, k=2, batch_size=batch, compile=True).tokens == greedy, batch
         lookup = speculative_generate(model, ps, n, k=2, drafter="lookup", batch_size=batch, compile=True)
