@@ -100,8 +100,8 @@ def decode_benchmark(model: MTPModel, prompts: list[list[int]], max_new_tokens: 
     matches_greedy, and the speedup taken apart: speedup = fewer_steps / step_cost, where
     fewer_steps is greedy's batch passes over this mode's, step_cost the time of one pass relative
     to a greedy pass, and step_flops its FLOPs relative to a greedy pass (what a pass costs where
-    compute is the limit; counted during the warm-up, on the first batch of prompts). Every mode is warmed up first on the first batch of prompts, for
-    `warmup_tokens` (default: max_new_tokens, so that no timed run meets a shape, e.g. a key
+    compute is the limit; counted during the warm-up). Every mode is warmed up first on the first
+    batch of prompts, for `warmup_tokens` (default: max_new_tokens, so that no timed run meets a shape, e.g. a key
     length, for the first time: measured, a greedy run timed right after an 8-token warm-up took
     1.5x as long as one after a full warm-up); timings are the best of `repeats`, modes interleaved.
     `compile`: every mode's decoding passes run through torch.compile (`mtp.compiled`); the
@@ -116,14 +116,15 @@ def decode_benchmark(model: MTPModel, prompts: list[list[int]], max_new_tokens: 
     for mode in plan:
         warm = max_new_tokens if warmup_tokens is None else min(warmup_tokens, max_new_tokens)
         start = time.perf_counter()
-        if compile:  # the warm-up compiles; FLOPs are counted on an eager run (compiled graphs hide their matmuls)
+        if compile:  # the warm-up compiles; FLOPs come from an eager run (compiled graphs hide their matmuls)
             mode.run(model, prompts[:batch_size], warm, batch_size=batch_size, compile=True)
             warmups[mode] = time.perf_counter() - start
         counter = FlopCounterMode(display=False)
-        with counter:  # an eager warm-up counts FLOPs on the way: no extra run (the counter slows it; it is not timed)
+        with counter:  # eager, the warm-up itself counts FLOPs (the counter slows it; it is not timed)
             res = mode.run(model, prompts[:batch_size], warm, batch_size=batch_size)
         flops[mode] = float(counter.get_total_flops()) / max(1, res.forwards)
-        warmups.setdefault(mode, time.perf_counter() - start)
+        if not compile:
+            warmups[mode] = time.perf_counter() - start
     runs: dict[DecodeMode, ModeRun] = {}
     for _ in range(max(1, repeats)):
         for mode in plan:

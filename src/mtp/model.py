@@ -484,7 +484,7 @@ class Attention(nn.Module):
                     self.cache_v[rows].transpose(1, 2).to(q.dtype), attn_mask=ctx.bias,
                     enable_gqa=self.n_kv_heads != self.n_heads)
             else:
-                out = self.cached_attention(q, ctx).view(B, self.n_heads, S, self.head_dim)
+                out = self.cached_attention(q, ctx).view(B, H, S, hd)
         return self.wo(out.transpose(1, 2).reshape(B, S, -1))
 
     def cached_attention(self, q: Tensor, ctx: "CacheContext") -> Tensor:
@@ -553,20 +553,24 @@ def grouped_attention(q: Tensor, cache_k: Tensor, cache_v: Tensor, groups: Seque
     B, S, H, _ = q.shape
     folded = fold_queries(q, groups[0][3].shape[2])
     gqa = cache_k.shape[2] != folded.shape[1]
+
+    def attend(q_rows: Tensor, cache_rows: slice | Tensor, length: int, mask: Tensor) -> Tensor:
+        def read(cache: Tensor) -> Tensor:  # index_select: 3x faster than [] for a row gather here
+            part = cache[cache_rows, :length] if isinstance(cache_rows, slice) else \
+                cache[:, :length].index_select(0, cache_rows)
+            return part.transpose(1, 2).to(q.dtype)
+        return F.scaled_dot_product_attention(q_rows, read(cache_k), read(cache_v), attn_mask=mask,
+                                              enable_gqa=gqa)[:, :, 0]
+
     if len(groups) == 1 and groups[0][0] is None:  # every row, every query, the same keys
         _, _, length, mask = groups[0]
-        return F.scaled_dot_product_attention(
-            folded, cache_k[rows, :length].transpose(1, 2).to(q.dtype),
-            cache_v[rows, :length].transpose(1, 2).to(q.dtype), attn_mask=mask, enable_gqa=gqa)[:, :, 0].contiguous()
+        return attend(folded, rows, length, mask).contiguous()
     out = folded.new_empty(B, H * S, folded.shape[3])
     for index, take, length, mask in groups:
         # The same ops whether a group holds every row or some (a query must not round
         # differently because another one, elsewhere in the pass, needs more keys).
-        index = torch.arange(B, device=q.device) if index is None else index
-        cache_rows = index if isinstance(rows, slice) else rows[index]
-        keys = cache_k[:, :length].index_select(0, cache_rows).transpose(1, 2).to(q.dtype)  # index_select:
-        values = cache_v[:, :length].index_select(0, cache_rows).transpose(1, 2).to(q.dtype)  # 3x faster than []
-        res = F.scaled_dot_product_attention(folded[index], keys, values, attn_mask=mask, enable_gqa=gqa)[:, :, 0]
+        assert index is not None  # only a lone group covers every row without an index
+        res = attend(folded[index], index if isinstance(rows, slice) else rows[index], length, mask)
         if take is not None:  # keep only this length's queries; the rows' others come from their own groups
             keep = take[:, None, :, None].expand(-1, H, -1, -1).reshape(len(index), H * S, 1)
             res = torch.where(keep, res, out[index])
