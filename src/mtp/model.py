@@ -185,6 +185,8 @@ def key_length(positions: Tensor) -> Tensor:
     return (positions + QUERY_SLACK + KEY_BUCKET) // KEY_BUCKET * KEY_BUCKET
 
 
+CAUSAL_TABLE_MAX = 2048  # longest cache whose causal masks are tabulated (16 MiB in fp32)
+ROPE_CHUNK = 1024  # positions per chunk of the RoPE table (see MTPModel.rope_table)
 ROW_BLOCKS = (64, 32, 16, 8, 4, 2, 1)  # candidate blocks, largest first; 1 (a call per row) always holds
 CALIBRATION_TRIALS = 3  # random inputs per shape: whether two summation orders round alike depends on the data
 _row_blocks: dict[tuple[Any, ...], tuple[int, int, bool]] = {}
@@ -290,7 +292,7 @@ def _linear_blocks(flat: Tensor, weight: Tensor, bias: Tensor | None, most: int,
         if n < fewest:
             part = torch.cat([part] * fewest)
         parts.append(decode_linear(part, weight, bias)[:n])
-    return torch.cat(parts)
+    return parts[0] if len(parts) == 1 else torch.cat(parts)  # one block (a greedy step's lone row): no copy
 
 
 def _batched_blocks(flat: Tensor, weight: Tensor, bias: Tensor | None, most: int) -> Tensor:
@@ -387,8 +389,16 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """x / rms(x) * weight, normalised in fp32 and rounded to x's dtype before the weight (as Hugging
+    Face Llama does). F.rms_norm is one call where the spelled-out form is six (small calls are what
+    decoding a small model pays for); in fp32 it gives the same bits (checked in the tests)."""
+    if x.dtype == weight.dtype == torch.float32 and weight.dim() == 1:  # (stacked draft weights broadcast)
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    return F.rms_norm(x.float(), (x.shape[-1],), None, eps).type_as(x) * weight
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
@@ -731,8 +741,7 @@ class DraftStack:
                 and not cfg.bias and not cfg.attn_bias and cfg.pos_emb == "rope")
 
     def _norm(self, x: Tensor, weight: Tensor) -> Tensor:
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * weight
+        return rms_norm(x, weight, self.eps)
 
     def __call__(self, z: Tensor, rope: tuple[Tensor, ...], ctx: CacheContext) -> Tensor:
         """Hidden states (B, S, H, dim) of the stacked heads on trunk outputs z (B, S, dim)."""
@@ -779,6 +788,7 @@ class MTPModel(nn.Module):
         self.cache_batch = 0
         self.cache_len = 0
         self.draft_stack: DraftStack | None = None  # set by setup_cache for parallel heads
+        self.causal_bias: Tensor | None = None  # (cache_len, cache_len) masks by position, set by setup_cache
         self.cache_dtype = torch.float32
         # While decoding with --compile: the torch.compile'd passes (mtp.compiled.CompiledPasses),
         # which the cached methods below hand their decoding calls to; None otherwise.
@@ -819,11 +829,35 @@ class MTPModel(nn.Module):
 
     # ----- forward pieces (used by the memory-efficient loss and by decoding) ----------------
     def rope(self, positions: Tensor) -> tuple[Tensor, ...]:
-        """What the trunk and every block get about positions: RoPE's (cos, sin), or with learned
-        positions just (positions,), which `trunk` looks up in the position table."""
+        """What the trunk and every block get about positions: RoPE's (cos, sin), looked up in a
+        table (`rope_table`), or with learned positions just (positions,), which `trunk` looks up
+        in the position table."""
         if self.cfg.pos_emb == "learned":
             return (positions,)
-        return rope_tables(self.cfg.head_dim, positions, self.cfg.rope_theta)
+        hd = self.cfg.head_dim
+        table = self.__dict__.get("_rope_table")
+        if torch.compiler.is_compiling():  # setup_cache built it; a graph must not build or resize it
+            if table is None or table.device != positions.device:
+                return rope_tables(hd, positions, self.cfg.rope_theta)
+        else:  # uncached passes take positions 0..T-1 ((B, T)); cached ones at most the cache plus a block
+            table = self.rope_table(max(positions.shape[-1], self.cache_len + 2 * QUERY_SLACK), positions.device)
+        both = F.embedding(positions, table)
+        return both[..., :hd], both[..., hd:]
+
+    def rope_table(self, length: int, device: torch.device | str) -> Tensor:
+        """RoPE's cos and signed sin for positions 0..n-1 (n >= length), (n, 2 head_dim), fp32: one
+        lookup per pass instead of computing them (about ten small calls). Built in chunks of
+        ROPE_CHUNK positions, each computed alike, so a position's values never depend on how
+        long the table is (a vectorised cos may round a tail of a call unlike its body: measured
+        for head_dim 8)."""
+        table = self.__dict__.get("_rope_table")
+        device = torch.device(device)
+        if table is None or table.shape[0] < length or table.device != device:
+            n = -(-max(length, 1) // ROPE_CHUNK) * ROPE_CHUNK
+            chunks = [torch.cat(rope_tables(self.cfg.head_dim, torch.arange(i, i + ROPE_CHUNK, device=device),
+                                            self.cfg.rope_theta), dim=-1) for i in range(0, n, ROPE_CHUNK)]
+            table = self.__dict__["_rope_table"] = torch.cat(chunks)
+        return table
 
     def default_positions(self, tokens: Tensor) -> Tensor:
         B, T = tokens.shape
@@ -1046,6 +1080,13 @@ class MTPModel(nn.Module):
                     m.__dict__["_kept_cache"] = (m.cache_k, m.cache_v)
         self.draft_stack = None
         self.cache_dtype = dtype
+        if self.cfg.pos_emb == "rope":  # every position a pass can reach, before any compiled pass
+            self.rope_table(length + 2 * QUERY_SLACK, device)
+        # Row p: the additive causal mask of a query at position p (0 for slots <= p, else -inf);
+        # eager passes look their masks up here (one call instead of five). Positions past the
+        # cache see every slot: the last row.
+        self.causal_bias = torch.full((length, length), float("-inf"), dtype=dtype, device=device).triu_(1) \
+            if length <= CAUSAL_TABLE_MAX else None
         if DraftStack.supports(self.cfg):
             heads = list(self.heads)[1:]
             key = (tuple((id(p), p._version) for h in heads for p in h.parameters()), shape, dtype, str(device))
@@ -1073,6 +1114,7 @@ class MTPModel(nn.Module):
             if isinstance(m, Attention):
                 m.cache_k = m.cache_v = None
         self.draft_stack = None
+        self.causal_bias = None
         self.set_invariant(False)
         self.cache_batch = self.cache_len = 0
 
@@ -1113,13 +1155,15 @@ class MTPModel(nn.Module):
         # No checks of slot values here (indexing past the cache raises anyway); the one host
         # sync per pass is the grouping of queries by key length below.
         slots = input_pos if slots is None else slots
-        if mask is None:
-            mask = causal_cache_mask(input_pos, kv_len)
-        elif mask.shape[-1] != kv_len:
+        if mask is not None and mask.shape[-1] != kv_len:
             raise ConfigError(f"mask covers {mask.shape[-1]} cache slots, the cache has {kv_len}")
         leading = rows is None
         rows = torch.arange(B, device=tokens.device) if rows is None else rows
-        bias = torch.zeros(mask.shape, dtype=self.cache_dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+        if mask is None and not torch.compiler.is_compiling() and self.causal_bias is not None:  # (a graph never reads it)
+            bias = F.embedding(input_pos.clamp(max=kv_len - 1), self.causal_bias)
+        else:
+            mask = causal_cache_mask(input_pos, kv_len) if mask is None else mask
+            bias = torch.zeros(mask.shape, dtype=self.cache_dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
         if dense:
             return CacheContext(rows=rows[:, None], slots=slots, bias=bias[:, None], leading=leading, dense=True)
         bias = bias[:, :, None].expand(-1, -1, sdpa_queries(self.cache_dtype), -1)
