@@ -69,3 +69,5 @@ def test_decode_benchmark_takes_mode_objects_and_runs_each_mode_once(trained):
 def test_default_modes_fit_the_model():
     assert default_modes(tiny_model(n_future=3)) == ["greedy", "spec1", "spec2", "tree", "spec2+lookup", "lookup3"]
     assert default_modes(tiny_model(n_future=1)) == ["greedy", "lookup3"]
+    assert default_modes(tiny_model(n_future=2, head_type="sequential")) == ["greedy", "spec1", "tree", "spec1+lookup",
+                                                                            "lookup3"]

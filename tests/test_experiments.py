@@ -186,11 +186,21 @@ def test_heads_via_cli(tmp_path, monkeypatch, capsys):
         r = runs[name]
         assert len(r["val_loss"]) == len(r["head_acc"]) == len(r["agree"]) == 3
         modes = [x["mode"] for x in r["decoding"]]
-        assert modes == ["greedy", "spec1", "spec2"] + ([] if name == "sequential" else ["tree"])
+        assert modes == ["greedy", "spec1", "spec2", "tree"] and r["skipped_modes"] == {}
         assert all(x["matches_greedy"] and x["tokens_per_forward"] >= 1.0 for x in r["decoding"])
-    assert set(runs["sequential"]["skipped_modes"]) == {"tree"}
     md = (out / "results.md").read_text()
-    assert "not run: " in md and "| causal | spec2 |" in md
+    assert "| causal | spec2 |" in md and "| sequential | tree |" in md
+
+
+def test_heads_decoding_reports_modes_the_model_cannot_run():
+    from mtp.experiments.heads import Settings, decoding
+    from conftest import tiny_model
+
+    model = tiny_model(0, n_future=3, head_type="sequential")
+    rows, skipped = decoding(model, [[1, 2, 3], [4, 5]], Settings(modes=("spec1", "spec3"), max_new_tokens=6,
+                                                                  repeats=1))
+    assert [r["mode"] for r in rows] == ["greedy", "spec1"] and rows[1]["matches_greedy"]
+    assert list(skipped) == ["spec3"] and "n_future=3" in skipped["spec3"]
 
 
 def test_registry_errors():

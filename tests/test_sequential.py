@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from mtp import ModelConfig, MTPModel, generate, speculative_generate
-from mtp.generate import GenerationError
 from mtp.speculative import SequentialDrafter, speculative_sample, tree_generate
 
 from conftest import tiny_model
@@ -28,8 +27,8 @@ def prompts(seed: int = 1, count: int = 5, low: int = 1, high: int = 40) -> list
     return [torch.randint(0, 512, (int(n),), generator=g).tolist() for n in lengths]
 
 
-@pytest.mark.parametrize("k, batch_size", [(3, None), (2, 2), (3, 1)])
-def test_drafts_equal_an_uncached_forward(monkeypatch, k, batch_size):
+@pytest.mark.parametrize("k, batch_size, tree", [(3, None, None), (2, 2, None), (3, 1, None), (3, 2, (3, 2, 1))])
+def test_drafts_equal_an_uncached_forward(monkeypatch, k, batch_size, tree):
     # Every draft the decoder makes equals head j's logits at the row's last position in a plain
     # forward over the committed text followed by the earlier drafts: the draft heads' KV caches
     # and kept per-position states hold exactly what an uncached forward computes.
@@ -53,7 +52,15 @@ def test_drafts_equal_an_uncached_forward(monkeypatch, k, batch_size):
 
     monkeypatch.setattr(SequentialDrafter, "draft", checking)
     ps = prompts()
-    res = speculative_generate(model, ps, 30, k=k, batch_size=batch_size)
+    if tree is None:
+        res = speculative_generate(model, ps, 30, k=k, batch_size=batch_size)
+    else:  # the accepted path may leave the top-1 chain: its head-1 states are moved into place
+        import mtp.speculative as spec
+        moves = []
+        compact = spec.compact_path
+        monkeypatch.setattr(spec, "compact_path", lambda *a: moves.append(1) or compact(*a))
+        res = tree_generate(model, ps, 30, tree=tree, batch_size=batch_size)
+        assert moves  # passes that accepted a path off the top-1 chain
     assert res.tokens == generate(model, ps, 30).tokens
     assert len(checked) > 20 and max(checked) >= 1  # prefills and passes that accepted drafts
 
@@ -68,6 +75,10 @@ def test_every_sequential_mode_batched_and_alone_equals_greedy_alone(dtype):
         assert speculative_generate(model, ps, n, k=k, batch_size=3).tokens == alone, k
     assert [speculative_generate(model, [p], n, k=3).tokens[0] for p in ps] == alone
     assert speculative_generate(model, ps, n, k=3, drafter="both", batch_size=3).tokens == alone
+    # Trees: head j's top candidates after the top-1 chain's drafts, below every node of depth j-1.
+    for tree in ((3, 2, 1), (2, 1)):
+        assert tree_generate(model, ps, n, tree=tree).tokens == alone, tree
+        assert tree_generate(model, ps, n, tree=tree, batch_size=3).tokens == alone, tree
     # Temperature 0 through the sampling path is greedy too.
     assert speculative_sample(model, ps, n, k=2, temperature=0.0).tokens == alone
 
@@ -85,11 +96,6 @@ def test_sequential_sampling_preserves_the_distribution():
     # drafts accepted and rejected at depths 1 and 2; depth 3 tried
     assert all(0 < a < n for a, n in zip(spec.draft_accepts[:2], spec.draft_attempts[:2]))
     assert spec.draft_attempts[2] > 0
-
-
-def test_sequential_heads_refuse_trees():
-    with pytest.raises(GenerationError, match="chain"):
-        tree_generate(seq_model(0), prompts(), 5)
 
 
 def test_forward_shape_and_head_structure():

@@ -309,7 +309,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     model = _to_dtype(model, args.dtype)
     if tok is None:
         raise ValueError(f"{args.checkpoint} has no tokenizer.json; cannot encode text prompts")
-    mode.check(model, args.temperature)  # e.g. a tree on sequential heads: fail before streaming
+    mode.check(model, args.temperature)  # e.g. more drafts than heads: fail before streaming
     ids = [tok.encode(p) for p in prompts]
     stop = () if args.no_stop else (tok.eos_id,)
     stream = TextStream(tok, prompts[0]) if len(prompts) == 1 else None  # one prompt: print as tokens arrive

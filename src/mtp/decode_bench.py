@@ -23,11 +23,10 @@ from .speculative import SpeculativeResult
 
 
 def default_modes(model: MTPModel) -> list[str]:
-    """greedy, a chain for every usable k, the default tree (not for sequential heads), prompt
-    lookup and heads + lookup (greedy and lookup3 for n_future = 1)."""
+    """greedy, a chain for every usable k, the default tree, prompt lookup and heads + lookup
+    (greedy and lookup3 for n_future = 1)."""
     draft_heads = model.cfg.n_future - 1
-    tree = [] if model.cfg.head_type == "sequential" else ["tree"]  # sequential heads draft chains
-    heads = [f"spec{k}" for k in range(1, draft_heads + 1)] + tree + [f"spec{draft_heads}+lookup"]
+    heads = [f"spec{k}" for k in range(1, draft_heads + 1)] + ["tree", f"spec{draft_heads}+lookup"]
     return ["greedy"] + (heads if draft_heads else []) + ["lookup3"]
 
 

@@ -165,8 +165,6 @@ def check_tree(model: MTPModel, tree: DraftTree) -> None:
     if max(tree.widths()) > model.cfg.vocab_size:
         raise GenerationError(f"tree asks for {max(tree.widths())} candidates per head, "
                               f"more than the vocabulary of {model.cfg.vocab_size}")
-    if model.cfg.head_type == "sequential" and not tree.is_chain:
-        raise GenerationError("sequential heads draft a chain (each draft feeds the next); use k drafts, not a tree")
     if not tree.is_chain and tree.size - 2 > QUERY_SLACK:  # node i: slot base + i, position base + depth
         raise GenerationError(f"a tree of {tree.size - 1} drafts is too large; at most {QUERY_SLACK + 1}")
 
@@ -296,7 +294,11 @@ class SequentialDrafter:
     read drafts last time; the position before them read committed tokens only and stays. Each
     head's outputs are kept per position (`hidden`), as the next head reads them there. Padding
     (rows with shorter windows) writes positions past `last`, which the next pass rewrites before
-    any query sees them, as everywhere in decoding."""
+    any query sees them, as everywhere in decoding.
+
+    Trees: the drafts are still this chain, each after the previous head's top token, and a tree
+    takes head j's top candidates below every node of depth j-1 (as for parallel heads); after
+    the pass the accepted path's states are moved to consecutive positions (`after_verify`)."""
 
     def __init__(self, model: MTPModel, state: RowState, depth: int, batch: int, cache_len: int) -> None:
         param = next(model.parameters())
@@ -330,11 +332,15 @@ class SequentialDrafter:
         drafts = self.draft(rows, torch.zeros_like(last), last, first.argmax(-1))
         return torch.cat([first[:, None], drafts], dim=1)
 
-    def after_verify(self, block: Block, hidden: Tensor, accepted: Tensor, pending: Tensor) -> Tensor:
-        """Draft logits (B, depth, V) after a chain verify pass with head-1 states `hidden`
-        (B, N, 1, dim) at positions base..base+N-1, `accepted` drafts and the new pending tokens."""
+    def after_verify(self, block: Block, path: Tensor, hidden: Tensor, accepted: Tensor, pending: Tensor) -> Tensor:
+        """Draft logits (B, depth, V) after a verify pass with head-1 states `hidden` (B, N, 1, dim)
+        at its nodes, `path` (B, depth+1) the nodes of each row's accepted path (`TreeTables.path`),
+        `accepted` drafts and the new pending tokens. The path's states go to positions
+        base..base+depth, where its tokens now are (a chain's path is its nodes in order)."""
         rows = torch.arange(hidden.shape[0], device=hidden.device)[:, None]
-        self.hidden[0, rows, block.slots] = hidden[:, :, 0]
+        states = hidden[:, :, 0].gather(1, path[:, :, None].expand(-1, -1, hidden.shape[-1]))
+        slots = scratch_slots(block.base[:, None] + torch.arange(path.shape[1], device=path.device), self.cache_len)
+        self.hidden[0, rows, slots] = states
         return self.draft(range(self.state.batch), block.base, block.base + accepted, pending)
 
     def draft(self, rows: Sequence[int], start: Tensor, last: Tensor, pending: Tensor) -> Tensor:
@@ -537,7 +543,7 @@ def greedy_step(dec: Decoder, pending: Tensor, draft_logits: Tensor) -> tuple[Te
     if dec.heads == 1:  # prompt lookup alone: no draft heads to run
         return bonus, draft_logits
     if dec.sequential is not None:
-        return bonus, dec.sequential.after_verify(block, hidden, accepted, bonus)
+        return bonus, dec.sequential.after_verify(block, dec.tables.path[best], hidden, accepted, bonus)
     drafts = draft_hidden(dec, block, z, hidden, best, accepted)
     return bonus, dec.model.draft_unembed(drafts)
 
@@ -666,7 +672,7 @@ def sampling_step(dec: Decoder, sampling: Sampling, pending: Tensor, q: Tensor,
     if dec.sequential is not None:
         # Each sequential head drafts after the previous head's greedy token, not its sample:
         # q_j is still fixed before draft j is drawn, which is all the rejection rule needs.
-        return final, sampling.probs(dec.sequential.after_verify(block, hidden, accepted, final))
+        return final, sampling.probs(dec.sequential.after_verify(block, dec.tables.path[accepted], hidden, accepted, final))
     drafts = draft_hidden(dec, block, z, hidden, accepted, accepted)
     return final, sampling.probs(dec.model.draft_unembed(drafts))
 

@@ -11,7 +11,7 @@ Beside them an n=1 model of the same layer count (next token only) is the refere
 paper's "better": does head 1 of each multi-head model reach its next-token loss? For each model:
 per-head validation loss and accuracy, teacher-forced agreement of each head with head 1, and
 greedy self-speculative decoding (`mtp.decode_bench`) with chains of 1..n-1 drafts and the default
-tree, where the model can draft one (sequential heads draft chains only): tokens per forward,
+tree: tokens per forward,
 acceptance per draft depth, wall-clock speedup over the same model's greedy, same output as greedy.
 Same pipeline as `bytes` / `choose-n` (corpus, training and evaluation are theirs).
 """
@@ -58,7 +58,7 @@ def model_modes(st: Settings) -> list[str]:
 
 def decoding(model: Any, prompts: list[list[int]], st: Settings) -> tuple[list[dict[str, Any]], dict[str, str]]:
     """decode_benchmark rows (greedy first) for the modes `model` can decode, and for the others
-    why not (the mode check's GenerationError, e.g. trees for sequential heads)."""
+    why not (the mode check's GenerationError, e.g. a tree deeper than the model's heads)."""
     from ..decode_bench import decode_benchmark
     from ..generate import GenerationError
     from ..modes import parse_mode
@@ -204,7 +204,7 @@ def plot(summary: list[dict[str, Any]], decode_rows: list[dict[str, Any]], path:
             xs = [i + (j - (len(labels) - 1) / 2) * width for i in range(len(modes))]
             ax.bar(xs, [got.get(m) or 0.0 for m in modes], width, label=label)
             for x, m in zip(xs, modes):
-                if got.get(m) is None:  # not run (e.g. a tree for sequential heads)
+                if got.get(m) is None:  # not run (the mode check refused it)
                     ax.text(x, 0.02, "n/a", ha="center", va="bottom", fontsize=7, rotation=90)
         ax.axhline(1.0, color="gray", lw=0.8)
         ax.set_xticks(range(len(modes)), modes)
