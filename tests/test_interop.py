@@ -369,6 +369,19 @@ def test_export_loads_in_transformers_and_round_trips(transformers, tmp_path, at
         assert torch.equal(back(x), ours)
 
 
+def test_shared_sequential_head_round_trips_through_hf_export(transformers, tmp_path):
+    # The shared module is written once (heads.1) and comes back tied to every depth.
+    cfg = ModelConfig(dim=48, n_layers=5, n_heads=4, n_kv_heads=2, vocab_size=300, n_future=4,
+                      head_type="sequential", shared_head=True)
+    model = randomize_(MTPModel(cfg), seed=7).eval()
+    export_hf(model, byte_tokenizer(), tmp_path / "all", all_heads=True)
+    back, _ = import_hf(tmp_path / "all")
+    assert back.cfg == cfg and back.heads[3].eh_proj.weight is back.heads[1].eh_proj.weight
+    x = tokens(300)
+    with torch.no_grad():
+        assert torch.equal(back(x), model(x))
+
+
 def test_hf_errors(transformers, tmp_path, llama_dir):
     with pytest.raises(InteropError, match="config.json is missing"):
         import_hf(tmp_path)

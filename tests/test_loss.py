@@ -72,10 +72,10 @@ def _grads(model):
 
 
 def check_backward_equals_reference(model: MTPModel, chunk: int | None) -> dict[str, torch.Tensor]:
-    """mtp_backward (3 heads, weights, loss scale, 11 of 14 tokens as inputs) against backward of
-    the reference loss, in float64; returns the gradients."""
+    """mtp_backward (3 or 4 heads, weights, loss scale, 11 of 14 tokens as inputs) against backward
+    of the reference loss, in float64; returns the gradients."""
     tokens = torch.randint(0, model.cfg.vocab_size, (2, 14))
-    weights = [1.0, 0.7, 0.3]
+    weights = [1.0, 0.7, 0.3, 0.5][: model.cfg.n_future]
     model.zero_grad()
     ref_loss, ref_heads = mtp_loss(model(tokens[:, :11]), tokens, weights,
                                    sequential=model.cfg.head_type == "sequential")
@@ -96,6 +96,14 @@ def check_backward_equals_reference(model: MTPModel, chunk: int | None) -> dict[
 @pytest.mark.parametrize("chunk", [None, 5, 1000])
 def test_memory_efficient_gradients_equal_reference(head_type, chunk):
     model = tiny_model(0, dtype=torch.float64, training=True, n_future=3, head_type=head_type, vocab_size=37)
+    check_backward_equals_reference(model, chunk)
+
+
+@pytest.mark.parametrize("chunk", [None, 5])
+def test_memory_efficient_gradients_with_a_shared_sequential_head(chunk):
+    # One module at depths 2..4: its gradient is the sum over the depths, as in the naive loss.
+    model = tiny_model(0, dtype=torch.float64, training=True, n_future=4, head_type="sequential", shared_head=True,
+                       vocab_size=37)
     check_backward_equals_reference(model, chunk)
 
 

@@ -12,6 +12,8 @@ import pytest
 import torch
 
 from mtp import ModelConfig, MTPModel, generate, speculative_generate
+from mtp.generate import GenerationError
+from mtp.model import ConfigError
 from mtp.speculative import SequentialDrafter, speculative_sample, tree_generate
 
 from conftest import tiny_model
@@ -123,3 +125,91 @@ def test_finetune_adds_sequential_heads_to_a_parallel_model(corpus, tmp_path):
         torch.testing.assert_close(ft(x)[:, :, 0], base(x)[:, :, 0])
     ps = [[int(t) for t in x[0, :7]], [int(t) for t in x[1, :3]]]
     assert speculative_generate(ft, ps, 16, k=2).tokens == generate(ft, ps, 16).tokens
+
+
+# ----- one module shared across depths (shared_head) ---------------------------------------------
+shared_model = partial(seq_model, shared_head=True)
+
+
+def test_shared_head_config_and_weights():
+    with pytest.raises(ConfigError, match="shared_head.*sequential"):
+        ModelConfig(n_layers=6, n_future=4, head_type="parallel", shared_head=True)
+    m = shared_model(0)
+    # Parameter matching: head 1 and the shared module are two blocks; the trunk keeps the rest.
+    assert m.cfg.n_trunk == m.cfg.n_layers - 2 and len(m.heads) == 4
+    assert m.num_params() == seq_model(0, n_future=2).num_params()
+    assert all(p is q for h in m.heads[2:] for p, q in zip(h.parameters(), m.heads[1].parameters()))
+    out = m(torch.randint(0, 512, (2, 9)))
+    assert out.shape == (2, 9, 4, 512) and not torch.allclose(out[:, :, 2], out[:, :, 3])
+
+
+def test_shared_head_saves_once_and_loads_tied(tmp_path):
+    from mtp.checkpoint import load_model, save_checkpoint
+
+    m = shared_model(0)
+    assert not any(k.startswith(("heads.2.", "heads.3.")) for k in m.state_dict())
+    ckpt = save_checkpoint(tmp_path, 1, m)
+    loaded, _ = load_model(ckpt)
+    x = torch.randint(0, 512, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), m(x), rtol=0, atol=0)
+    assert loaded.heads[3].eh_proj.weight is loaded.heads[1].eh_proj.weight
+    # Decoding deeper than trained adds depths (tied, with their own caches), saved as before.
+    speculative_generate(loaded, [[1, 2, 3]], 8, k=5)
+    assert len(loaded.heads) == 6 and set(loaded.state_dict()) == set(m.state_dict())
+
+
+@pytest.mark.parametrize("k", [3, 5])
+def test_shared_head_drafts_equal_an_uncached_forward(monkeypatch, k):
+    # As above, also past the trained depth (k=5 drafts with n_future=4): each depth's own cache
+    # holds what an uncached forward of the shared module at that depth computes.
+    model = shared_model(0, dtype=torch.float64)
+    reference = copy.deepcopy(model)
+    reference.extend_shared_head(k)
+    draft = SequentialDrafter.draft
+    checked = []
+
+    def checking(self, rows, start, last, pending):
+        out = draft(self, rows, start, last, pending)
+        for i, r in enumerate(rows):
+            if self.state.is_active(r):
+                d = out[i].argmax(-1).tolist()
+                text = self.tokens(r, 0, int(last[i]) + 1) + [int(pending[i])] + d[:-1]
+                with torch.no_grad():
+                    ref = reference(torch.tensor([text]), heads=k + 1)[0, int(last[i]), 1:]
+                torch.testing.assert_close(out[i], ref, rtol=1e-9, atol=1e-9)
+                checked.append(int(last[i]) - int(start[i]))
+        return out
+
+    monkeypatch.setattr(SequentialDrafter, "draft", checking)
+    ps = prompts()
+    res = speculative_generate(model, ps, 30, k=k, batch_size=2)
+    assert res.tokens == generate(model, ps, 30).tokens
+    assert len(checked) > 20 and max(checked) >= 1
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_shared_head_modes_equal_greedy(dtype):
+    model, ps, n = shared_model(dtype=DTYPES[dtype]), prompts(2, 8, 3, 60), 40
+    alone = [generate(model, [p], n).tokens[0] for p in ps]
+    assert min(len(set(t)) for t in alone) > 10
+    for k in (1, 3, 6):
+        assert speculative_generate(model, ps, n, k=k, batch_size=3).tokens == alone, k
+    assert [speculative_generate(model, [p], n, k=6).tokens[0] for p in ps] == alone
+    assert tree_generate(model, ps, n, tree=(2, 2, 1, 1), batch_size=3).tokens == alone
+    with pytest.raises(GenerationError, match="at most 32 deep"):
+        speculative_generate(model, ps, n, k=33)
+
+
+def test_shared_head_trains_and_resumes(corpus, tmp_path):
+    from mtp.checkpoint import load_model
+    from mtp.train import train
+    from conftest import tiny_train_config
+
+    out = tmp_path / "run"
+    train(tiny_train_config(corpus, out, steps=4, n_future=3, head_type="sequential", shared_head=True))
+    m, _ = load_model(out)
+    assert m.cfg.shared_head and m.cfg.n_trunk == m.cfg.n_layers - 2
+    assert m.heads[2].block.feed_forward.w2.weight is m.heads[1].block.feed_forward.w2.weight
+    ps = [[1, 2, 3, 4], [5, 6]]
+    assert speculative_generate(m, ps, 16, k=4).tokens == generate(m, ps, 16).tokens

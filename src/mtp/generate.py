@@ -23,7 +23,7 @@ from torch import Tensor
 
 from .compiled import compiled_decoding, eager
 from .hardware import has_amx
-from .model import MTPModel
+from .model import Attention, MTPModel
 
 TokenCallback = Callable[[list[list[int]]], None]
 # Prefill runs in chunks so that at most this many logits (batch x chunk x heads x vocab) exist.
@@ -154,7 +154,7 @@ def cache_length(prompts: Sequence[Sequence[int]], limits: Sequence[int], slack:
 def kv_cache_bytes(model: MTPModel, batch: int, length: int, dtype: torch.dtype) -> int:
     """Bytes of keys + values for every attention block (trunk and transformer heads)."""
     cfg = model.cfg
-    blocks = cfg.n_trunk + (0 if cfg.head_type == "linear" else cfg.n_future)
+    blocks = sum(isinstance(m, Attention) for m in model.modules())  # a shared head has one per depth
     itemsize = torch.empty((), dtype=dtype).element_size()
     return 2 * blocks * batch * length * cfg.n_kv_heads * cfg.head_dim * itemsize
 

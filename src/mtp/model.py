@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -65,6 +66,9 @@ class ModelConfig:
     # Draft heads 2..n score only this many tokens (MTPModel.draft_ids, e.g. the most frequent
     # ones), through a slice of the unembedding; head 1 always scores all. 0: the full vocabulary.
     draft_vocab: int = 0
+    # Sequential heads 2..n as one module used at every depth (FastMTP): one block's weights
+    # (the trunk keeps the others' layers), a KV cache per depth, and drafts deeper than n-1.
+    shared_head: bool = False
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -73,9 +77,14 @@ class ModelConfig:
             raise ConfigError(f"n_future must be >= 1, got {self.n_future}")
         if self.head_type not in HEAD_TYPES:
             raise ConfigError(f"head_type must be one of {', '.join(HEAD_TYPES)}, got {self.head_type!r}")
-        if self.head_type != "linear" and self.n_future > self.n_layers:
+        if not isinstance(self.shared_head, bool):
+            raise ConfigError(f"shared_head must be true or false, got {self.shared_head!r}")
+        if self.shared_head and self.head_type != "sequential":
+            raise ConfigError(f"shared_head shares one sequential head across depths; head_type is {self.head_type!r}, "
+                              "use head_type='sequential'")
+        if self.head_blocks > self.n_layers:
             raise ConfigError(
-                f"n_future={self.n_future} heads need at least as many layers, but n_layers={self.n_layers}"
+                f"n_future={self.n_future} heads need at least {self.head_blocks} layers, but n_layers={self.n_layers}"
             )
         if self.dim % self.n_heads:
             raise ConfigError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}")
@@ -98,9 +107,20 @@ class ModelConfig:
         return self.dim // self.n_heads
 
     @property
+    def head_blocks(self) -> int:
+        """Distinct transformer blocks in the heads: n_future, one with a shared sequential head
+        beside head 1, none for linear heads (not blocks). The trunk gets the other layers."""
+        return head_blocks(self.head_type, self.n_future, self.shared_head)
+
+    @property
+    def max_draft_depth(self) -> int:
+        """Drafts one pass may chain: one per extra head, or with a shared sequential head as many
+        as a verify pass holds (`MTPModel.extend_shared_head` adds the depths)."""
+        return QUERY_SLACK if self.shared_head else self.n_future - 1
+
+    @property
     def n_trunk(self) -> int:
-        # Linear heads are not transformer blocks, so every layer stays in the trunk.
-        return self.n_layers if self.head_type == "linear" else self.n_layers - self.n_future
+        return self.n_layers - self.head_blocks
 
     @property
     def ffn_dim(self) -> int:
@@ -140,6 +160,13 @@ class ModelConfig:
         if unknown:
             raise ConfigError(f"unknown config field(s): {', '.join(sorted(unknown))}")
         return cls(**d)
+
+
+def head_blocks(head_type: str, n_future: int, shared_head: bool = False) -> int:
+    """See `ModelConfig.head_blocks` (also for configs not built yet)."""
+    if head_type == "linear":
+        return 0
+    return min(n_future, 2) if shared_head else n_future
 
 
 # Sizes of the n=1 model; asking for n_future=n keeps n_layers, moving n-1 blocks from trunk to heads.
@@ -767,6 +794,33 @@ class DraftStack:
         return h.view(H, B, S, dim).permute(1, 2, 0, 3)
 
 
+def tie_parameters(dst: nn.Module, src: nn.Module) -> None:
+    """Make dst (a module of src's structure) use src's parameters, the same tensors; dst keeps
+    its own caches, so one set of weights runs at several depths."""
+    for (name, _), p in zip(list(dst.named_parameters()), list(src.parameters())):
+        owner, _, leaf = name.rpartition(".")
+        setattr(dst.get_submodule(owner), leaf, p)
+
+
+_SHARED = re.compile(r"heads\.([0-9]+)\.")
+
+
+def _drop_shared_heads(module: nn.Module, state: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    for key in [k for k in state if (m := _SHARED.match(k, len(prefix))) and int(m[1]) >= 2]:
+        del state[key]
+
+
+def _fill_shared_heads(module: nn.Module, state: dict[str, Any], prefix: str, *args: Any) -> None:
+    head = prefix + "heads.1."
+    shared = {k[len(head):]: v for k, v in state.items() if k.startswith(head)}
+    for i in range(2, len(module.heads)):  # type: ignore[arg-type]
+        state.update({f"{prefix}heads.{i}.{k}": v for k, v in shared.items()})
+
+
+def _retie_shared_head(module: nn.Module, incompatible_keys: Any) -> None:
+    module.tie_shared_head()  # type: ignore[operator]  # load_state_dict(assign=True) gives each head its own
+
+
 class MTPModel(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -776,6 +830,12 @@ class MTPModel(nn.Module):
         head_cls = LinearHead if cfg.head_type == "linear" else Block
         later_cls = SequentialHead if cfg.head_type == "sequential" else head_cls
         self.heads = nn.ModuleList(head_cls(cfg) if i == 0 else later_cls(cfg) for i in range(cfg.n_future))
+        if cfg.shared_head:
+            self.tie_shared_head()
+            # Saved once, as heads.1: heads 3..n are left out of state_dict and filled in on load.
+            self.register_state_dict_post_hook(_drop_shared_heads)
+            self.register_load_state_dict_pre_hook(_fill_shared_heads)
+            self.register_load_state_dict_post_hook(_retie_shared_head)
         self.norm = make_norm(cfg)
         self.output = Linear(cfg.dim, cfg.vocab_size, bias=False)
         # The draft vocabulary: a buffer (saved with the weights) of cfg.draft_vocab token ids, set
@@ -814,6 +874,22 @@ class MTPModel(nn.Module):
         kept (anticausal heads do), so its decoding passes need no batch invariance."""
         return i >= 1 and self.cfg.head_type != "anticausal"
 
+    def tie_shared_head(self) -> None:
+        """With a shared sequential head: heads 3.. use heads.1's parameters (the same tensors)."""
+        for head in list(self.heads)[2:]:
+            tie_parameters(head, self.heads[1])
+
+    def extend_shared_head(self, depth: int) -> None:
+        """With a shared sequential head: heads at least up to 1 + `depth`, the new ones tied to
+        heads.1 (no new weights, each with its own KV cache), for drafting deeper than trained.
+        cfg.n_future, the heads trained and saved, is unchanged. Call before `setup_cache`."""
+        if not self.cfg.shared_head:
+            raise ConfigError("only a model with shared_head=true can draft deeper than its heads")
+        while len(self.heads) < depth + 1:
+            head = SequentialHead(self.cfg).to(self.heads[1].eh_proj.weight.device)
+            tie_parameters(head, self.heads[1])
+            self.heads.append(head)
+
     def head_parent(self, i: int) -> int:
         """Index of the head whose output feeds head i (0-based), or -1 for the trunk output."""
         if self.cfg.head_type in ("causal", "sequential"):
@@ -823,8 +899,9 @@ class MTPModel(nn.Module):
         return -1
 
     def head_order(self) -> list[int]:
-        """Heads in an order where each head's parent comes first."""
-        n = self.cfg.n_future
+        """Heads in an order where each head's parent comes first (with a shared head, the depths
+        `extend_shared_head` added too)."""
+        n = len(self.heads)
         return list(range(n - 1, -1, -1)) if self.cfg.head_type == "anticausal" else list(range(n))
 
     # ----- forward pieces (used by the memory-efficient loss and by decoding) ----------------

@@ -159,9 +159,11 @@ def default_tree(n_future: int) -> DraftTree:
 
 
 def check_tree(model: MTPModel, tree: DraftTree) -> None:
-    if tree.depth + 1 > model.cfg.n_future:
+    if tree.depth > model.cfg.max_draft_depth:
         raise GenerationError(
-            f"drafts {tree.depth} deep need {tree.depth + 1} heads, but the model has n_future={model.cfg.n_future}")
+            f"drafts {tree.depth} deep need {tree.depth + 1} heads, but the model has n_future={model.cfg.n_future}"
+            if not model.cfg.shared_head else f"drafts {tree.depth} deep: a shared head drafts at most "
+                                              f"{model.cfg.max_draft_depth} deep in one pass")
     if max(tree.widths()) > model.cfg.vocab_size:
         raise GenerationError(f"tree asks for {max(tree.widths())} candidates per head, "
                               f"more than the vocabulary of {model.cfg.vocab_size}")
@@ -486,6 +488,8 @@ def start_decoder(model: MTPModel, prompts: list[list[int]], max_new_tokens: int
                   drafter)
     if not state.active_rows():
         return dec, None
+    if sequential and tree.depth + 1 > len(model.heads):  # a shared head drafting deeper than trained
+        model.extend_shared_head(tree.depth)
     setup_decode_cache(model, state.batch, cache_len)
     if sequential:
         dec.sequential = SequentialDrafter(model, state, tree.depth, state.batch, cache_len)

@@ -29,7 +29,7 @@ from . import distributed, fsutil
 from .data import TokenData, Tokenizer, validation_batches
 from .hardware import train_dtype
 from .loss import IGNORE, align_targets, base_kind, mtp_backward
-from .model import ConfigError, ModelConfig, MTPModel
+from .model import ConfigError, ModelConfig, MTPModel, head_blocks
 from .train_config import (CheckpointConfig, DataConfig, FinetuneConfig, ModelSpec, OptimizerConfig, RuntimeConfig,
                            TrainConfig)
 
@@ -47,9 +47,10 @@ def init_model(cfg: TrainConfig, vocab_size: int) -> MTPModel:
     old = base.cfg
     if old.vocab_size < vocab_size:
         raise ConfigError(f"{init_from} has vocab_size={old.vocab_size}, smaller than the data's tokenizer ({vocab_size})")
-    layers = old.n_trunk + (0 if old.head_type == "linear" else spec.n_future)
-    new_cfg = ModelConfig.from_dict({**old.to_dict(), "n_future": spec.n_future, "n_layers": layers,
-                                     "head_type": spec.head_type or old.head_type, **spec.overrides})
+    fields = {**old.to_dict(), "n_future": spec.n_future, "head_type": spec.head_type or old.head_type,
+              "shared_head": spec.shared_head or old.shared_head, **spec.overrides}
+    fields["n_layers"] = old.n_trunk + head_blocks(fields["head_type"], spec.n_future, fields["shared_head"])
+    new_cfg = ModelConfig.from_dict(fields)
     # parallel <-> causal only rewires the same blocks (head i reads the trunk or head i-1); head 1
     # reads the trunk either way, so the model's own next-token output is kept.
     # Sequential heads may replace them too: head 1 is the same block, and each new sequential
@@ -372,7 +373,8 @@ def _train(cfg: TrainConfig, dist: distributed.DistInfo, stop_after: int | None,
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * cfg.data.grad_accum * dist.world_size
     if dist.is_main:
         layout = f"; {dist.world_size} processes ({strategy})" if dist.is_distributed else ""
-        print(f"model: {mcfg.n_trunk} trunk blocks + {mcfg.n_future} {mcfg.head_type} heads, dim {mcfg.dim}, "
+        heads = f"{mcfg.n_future} {mcfg.head_type} heads" + (" (2..n one shared module)" if mcfg.shared_head else "")
+        print(f"model: {mcfg.n_trunk} trunk blocks + {heads}, dim {mcfg.dim}, "
               f"vocab {mcfg.vocab_size}, {model.num_params() / 1e6:.2f}M parameters; "
               f"{len(train_data.tokens):,} training tokens; device {device}, {amp}{layout}"
               + (f"; resuming at step {start}" if start else ""), flush=True)

@@ -47,6 +47,9 @@ class ModelSpec(_Section):
     n_future: int = opt(4, "number of output heads, i.e. tokens predicted per position", minimum=1)
     head_type: str | None = opt(None, "how heads are stacked on the trunk; none: parallel for a new model, the "
                                       "base's with init_from", HEAD_TYPES)
+    shared_head: bool = opt(False, "sequential heads 2..n as one module used at every depth (FastMTP): one "
+                                   "block of weights, the trunk keeps the other layers, and decoding may draft "
+                                   "deeper than n-1; a base with one stays shared")
     overrides: dict[str, Any] = opt(help="ModelConfig field over the preset's, repeatable (e.g. --model dim=96); "
                                          "in YAML, ModelConfig fields in the model: section", default_factory=dict,
                                     flat="model")
@@ -64,7 +67,7 @@ class ModelSpec(_Section):
     def build(self, vocab_size: int) -> ModelConfig:
         """The ModelConfig of a new model for a tokenizer of `vocab_size` tokens."""
         overrides = {"n_future": self.n_future, "head_type": self.head_type or "parallel", "vocab_size": vocab_size,
-                     **self.overrides}
+                     "shared_head": self.shared_head, **self.overrides}
         cfg = ModelConfig.from_preset(self.preset, **overrides)
         if cfg.vocab_size < vocab_size:
             raise ConfigError(f"model vocab_size={cfg.vocab_size} is smaller than the tokenizer's {vocab_size}")
@@ -234,7 +237,7 @@ def config_entries(values: Mapping[str, Any]) -> dict[tuple[str, ...], tuple[str
     is (section, field) or ("model", "overrides", ModelConfig field). Unknown keys, and one option
     given twice (flat and nested), are a one-line OptionError."""
     out: dict[tuple[str, ...], tuple[str, Any]] = {}
-    # Set inside `model:` (n_future, head_type, draft_vocab), an option wins over its flat key:
+    # Set inside `model:` (n_future, head_type, draft_vocab, shared_head), an option wins over its flat key:
     # before the sections, `model:` held ModelConfig overrides, which won over the flat fields, and
     # saved configs hold both (head_type: parallel, model: {head_type: causal}).
     in_model: set[tuple[str, ...]] = set()

@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from ..model import ConfigError, ModelConfig, MTPModel
+from ..model import ConfigError, ModelConfig, MTPModel, head_blocks
 from ._common import InteropError, assign_state, check_vocab, make_config, random_block, read_json, require_dir
 
 SUPPORTED = ("llama", "mistral", "qwen2")  # the Llama family (also what GGUF import accepts)
@@ -406,14 +406,13 @@ def convert_hf_model(hf_model: Any, tokenizer: Any | None, n_future: int, init: 
             state["output.weight"].data_ptr() == state["tok_embeddings.weight"].data_ptr()):
         state["output.weight"] = state["tok_embeddings.weight"].clone()  # MTPModel's unembedding is untied
 
-    if saved is not None:
-        cfg_fields = {**saved[0].to_dict(), "n_future": n, "n_layers": n_trunk + n}
-    else:
-        cfg_fields = {**fields, "n_future": n, "n_layers": n_trunk + n}
+    cfg_fields = {**(saved[0].to_dict() if saved is not None else fields), "n_future": n}
+    cfg_fields["n_layers"] = n_trunk + head_blocks(cfg_fields.get("head_type", "parallel"), n,
+                                                   cfg_fields.get("shared_head", False))
     cfg = make_config(config_path, **cfg_fields)
     head1 = {k[len("heads.0."):]: v for k, v in state.items() if k.startswith("heads.0.")}
     saved_heads = saved[1] if saved else {}
-    for j in range(1, n):
+    for j in range(1, min(n, 2) if cfg.shared_head else n):  # a shared head is saved once, as heads.1
         prefix = f"heads.{j}."
         own = {k[len(prefix):]: v for k, v in saved_heads.items() if k.startswith(prefix)}
         if own:
