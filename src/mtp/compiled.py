@@ -26,7 +26,7 @@ from typing import Any, Iterator
 import torch
 
 from . import model as model_module
-from .model import Attention, FeedForward, MTPModel, decode_linear, fused_linear, row_block, unfused
+from .model import Attention, FeedForward, MTPModel, decode_linear, fused_linear, order_probe, row_block, unfused
 
 # Distinct graphs one function may compile before torch.compile would fall back to eager
 # (silently, by default): a benchmark meets several batch sizes, passes and cache lengths.
@@ -146,7 +146,8 @@ def frozen_rows_hold(model: MTPModel) -> bool:
     batch-invariant. Inductor picks kernels by shape (prepacked oneDNN, or its own code for tiny
     matmuls: a 64 x 32 bf16 weight rounded 1- and 2-row products differently from eager, measured),
     so this compiles one graph of all of them with frozen weights (once per process and set of
-    shapes: see README for its cost) and compares on inputs with a wide range of magnitudes."""
+    shapes: see README for its cost) and compares on inputs with a wide range of magnitudes, and
+    on `order_probe`'s weights and inputs, which show any change of summation order."""
     matmuls = _matmuls(model)
     key = (tuple(sorted(matmuls)), torch.get_num_threads())
     if key not in _frozen_rows:
@@ -160,6 +161,11 @@ def frozen_rows_hold(model: MTPModel) -> bool:
         for (w, _), ms in zip(pairs, sizes):  # wide-range inputs, as `row_block` calibrates on
             shape = (max(ms), w.shape[1])
             xs.append((torch.randn(shape, generator=g) * torch.exp(2 * torch.randn(shape, generator=g))).to(w.dtype))
+        for (w, b), ms in list(zip(pairs, sizes)):  # and inputs that show any change of summation order
+            x, w_probe, b_probe = order_probe(w, b, max(ms), g)
+            pairs.append((w_probe, b_probe))
+            sizes.append(ms)
+            xs.append(x)
         model_module.FROZEN_TRACE = True
         try:
             with torch._inductor.config.patch(freezing=True):
