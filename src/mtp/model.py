@@ -399,6 +399,17 @@ def _(y: Tensor) -> Tensor:
     return torch.empty_like(y)
 
 
+def attention_dtype(dtype: torch.dtype, device: torch.device | str) -> torch.dtype:
+    """The dtype cached attention computes in: fp32 for a bf16/fp16 cache on a CPU, whose
+    half-precision SDPA kernels are 2-3x slower than fp32 ones at decoding's shapes (measured,
+    session 13: SmolLM2's 36 folded heads over 128 keys at batch 8, 2.2-2.7 ms a call in bf16,
+    0.95 ms in fp32 with two copies per query); the cache's own dtype elsewhere. Every cached pass
+    attends in this dtype, so a greedy step and a verify pass still round alike."""
+    if dtype in (torch.bfloat16, torch.float16) and torch.device(device).type == "cpu":
+        return torch.float32
+    return dtype
+
+
 def sdpa_queries(dtype: torch.dtype) -> int:
     """Queries per SDPA call: a lone fp32/fp64 query takes another kernel than two (measured on
     CPU), so those calls carry the query twice."""
@@ -542,10 +553,11 @@ class Attention(nn.Module):
             self.cache_v[ctx.rows, ctx.slots] = v.detach().to(self.cache_v.dtype)
             if ctx.dense:  # drafts: one call over the whole cache, masked
                 rows = slice(0, B) if ctx.leading else ctx.rows[:, 0]
+                at = ctx.bias.dtype  # `attention_dtype`
                 out = F.scaled_dot_product_attention(
-                    q.transpose(1, 2), self.cache_k[rows].transpose(1, 2).to(q.dtype),
-                    self.cache_v[rows].transpose(1, 2).to(q.dtype), attn_mask=ctx.bias,
-                    enable_gqa=self.n_kv_heads != self.n_heads)
+                    q.transpose(1, 2).to(at), self.cache_k[rows].transpose(1, 2).to(at),
+                    self.cache_v[rows].transpose(1, 2).to(at), attn_mask=ctx.bias,
+                    enable_gqa=self.n_kv_heads != self.n_heads).to(q.dtype)
             else:
                 out = self.cached_attention(q, ctx).view(B, H, S, hd)
         return self.wo(out.transpose(1, 2).reshape(B, S, -1))
@@ -614,20 +626,21 @@ def grouped_attention(q: Tensor, cache_k: Tensor, cache_v: Tensor, groups: Seque
     (B, H * S, hd). A row whose queries need different lengths joins several calls; each keeps
     the queries of its own length. The masks are contiguous, as a greedy step's are."""
     B, S, H, _ = q.shape
-    folded = fold_queries(q, groups[0][3].shape[2])
+    at = groups[0][3].dtype  # the masks' dtype is the one attention computes in (`attention_dtype`)
+    folded = fold_queries(q.to(at), groups[0][3].shape[2])
     gqa = cache_k.shape[2] != folded.shape[1]
 
     def attend(q_rows: Tensor, cache_rows: slice | Tensor, length: int, mask: Tensor) -> Tensor:
         def read(cache: Tensor) -> Tensor:  # index_select: 3x faster than [] for a row gather here
             part = cache[cache_rows, :length] if isinstance(cache_rows, slice) else \
                 cache[:, :length].index_select(0, cache_rows)
-            return part.transpose(1, 2).to(q.dtype)
+            return part.transpose(1, 2).to(at)
         return F.scaled_dot_product_attention(q_rows, read(cache_k), read(cache_v), attn_mask=mask,
                                               enable_gqa=gqa)[:, :, 0]
 
     if len(groups) == 1 and groups[0][0] is None:  # every row, every query, the same keys
         _, _, length, mask = groups[0]
-        return attend(folded, rows, length, mask).contiguous()
+        return attend(folded, rows, length, mask).to(q.dtype).contiguous()
     out = folded.new_empty(B, H * S, folded.shape[3])
     for index, take, length, mask in groups:
         # The same ops whether a group holds every row or some (a query must not round
@@ -638,7 +651,7 @@ def grouped_attention(q: Tensor, cache_k: Tensor, cache_v: Tensor, groups: Seque
             keep = take[:, None, :, None].expand(-1, H, -1, -1).reshape(len(index), H * S, 1)
             res = torch.where(keep, res, out[index])
         out[index] = res
-    return out
+    return out.to(q.dtype)
 
 
 @torch.library.custom_op("mtp::cached_attention", mutates_args=())
@@ -809,11 +822,12 @@ class DraftStack:
         self.cache_v[:, ctx.rows, ctx.slots] = v.to(self.cache_v.dtype)
         rows = slice(0, B) if ctx.leading else ctx.rows[:, 0]
         L = self.cache_k.shape[2]
-        keys = self.cache_k[:, rows].reshape(H * B, L, nkv, hd).transpose(1, 2).to(q.dtype)
-        values = self.cache_v[:, rows].reshape(H * B, L, nkv, hd).transpose(1, 2).to(q.dtype)
+        at = ctx.bias.dtype  # `attention_dtype`
+        keys = self.cache_k[:, rows].reshape(H * B, L, nkv, hd).transpose(1, 2).to(at)
+        values = self.cache_v[:, rows].reshape(H * B, L, nkv, hd).transpose(1, 2).to(at)
         mask = ctx.bias.reshape(1, B, 1, S, L).expand(H, -1, -1, -1, -1).reshape(H * B, 1, S, L)  # dense (drafts)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask,
-                                             enable_gqa=nkv != nh)  # (H*B, nh, S, hd)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2).to(at), keys, values, attn_mask=mask,
+                                             enable_gqa=nkv != nh).to(q.dtype)  # (H*B, nh, S, hd)
         h = x + torch.matmul(out.transpose(1, 2).reshape(H, B * S, nh * hd), self.wo)
         w1x, w3x = torch.matmul(self._norm(h, self.ffn_norm), self.w13).split(self.ffn_dim, dim=-1)
         h = h + torch.matmul(F.silu(w1x) * w3x, self.w2)
@@ -876,6 +890,7 @@ class MTPModel(nn.Module):
         self.draft_stack: DraftStack | None = None  # set by setup_cache for parallel heads
         self.causal_bias: Tensor | None = None  # (cache_len, cache_len) masks by position, set by setup_cache
         self.cache_dtype = torch.float32
+        self.attn_dtype = torch.float32  # what cached attention computes in (`attention_dtype`)
         # While decoding with --compile: the torch.compile'd passes (mtp.compiled.CompiledPasses),
         # which the cached methods below hand their decoding calls to; None otherwise.
         self.compiled: Any = None
@@ -1183,12 +1198,13 @@ class MTPModel(nn.Module):
                     m.__dict__["_kept_cache"] = (m.cache_k, m.cache_v)
         self.draft_stack = None
         self.cache_dtype = dtype
+        self.attn_dtype = attention_dtype(dtype, device)
         if self.cfg.pos_emb == "rope":  # every position a pass can reach, before any compiled pass
             self.rope_table(length + 2 * QUERY_SLACK, device)
         # Row p: the additive causal mask of a query at position p (0 for slots <= p, else -inf);
         # eager passes look their masks up here (one call instead of five). Positions past the
         # cache see every slot: the last row.
-        self.causal_bias = torch.full((length, length), float("-inf"), dtype=dtype, device=device).triu_(1) \
+        self.causal_bias = torch.full((length, length), float("-inf"), dtype=self.attn_dtype, device=device).triu_(1) \
             if length <= CAUSAL_TABLE_MAX else None
         if DraftStack.supports(self.cfg):
             heads = list(self.heads)[1:]
@@ -1266,10 +1282,10 @@ class MTPModel(nn.Module):
             bias = F.embedding(input_pos.clamp(max=kv_len - 1), self.causal_bias)
         else:
             mask = causal_cache_mask(input_pos, kv_len) if mask is None else mask
-            bias = torch.zeros(mask.shape, dtype=self.cache_dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+            bias = torch.zeros(mask.shape, dtype=self.attn_dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
         if dense:
             return CacheContext(rows=rows[:, None], slots=slots, bias=bias[:, None], leading=leading, dense=True)
-        bias = bias[:, :, None].expand(-1, -1, sdpa_queries(self.cache_dtype), -1)
+        bias = bias[:, :, None].expand(-1, -1, sdpa_queries(self.attn_dtype), -1)
         # Host syncs once per pass (not per layer): which queries share a key length. Positions
         # past the cache (padding of finished rows) are capped; no real token gets there. A
         # compiled forward leaves the grouping to the attention op (once per layer).
