@@ -16,7 +16,7 @@ def flags(monkeypatch):
 
 @pytest.mark.parametrize("names, train, decode", [
     (("avx2", "avx512f"), "fp32", torch.float32),  # no bf16 in hardware (Ice Lake): both fp32
-    (("avx512f", "avx512_bf16"), "bf16", torch.float32),  # bf16 dot products: train bf16; verify not free
+    (("avx512f", "avx512_bf16"), "bf16", torch.bfloat16),  # bf16 dot products: bf16 both (session 13)
     (("avx512_bf16", "amx_bf16", "amx_tile"), "bf16", torch.bfloat16),  # AMX: bf16 both
 ])
 def test_auto_dtypes_follow_cpu_flags(flags, names, train, decode):

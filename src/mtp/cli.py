@@ -358,7 +358,7 @@ class TextStream:
 
 
 DTYPES = ("auto", "fp32", "bf16")
-DTYPE_HELP = ("weights and KV cache dtype for decoding: auto (bf16 on CUDA and on CPUs with AMX, else fp32), "
+DTYPE_HELP = ("weights and KV cache dtype for decoding: auto (bf16 on CUDA and on CPUs with AVX512-BF16 or AMX, else fp32), "
               "fp32 or bf16; speculative output equals greedy in each (default: auto)")
 
 

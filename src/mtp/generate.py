@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .compiled import compiled_decoding, eager
-from .hardware import has_amx
+from .hardware import has_native_bf16
 from .model import Attention, MTPModel
 
 TokenCallback = Callable[[list[list[int]]], None]
@@ -107,12 +107,14 @@ DECODE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def decode_dtype(name: str, device: torch.device | str) -> torch.dtype:
-    """The dtype for `--dtype NAME`: fp32, bf16, or auto (bf16 on CUDA and on CPUs with AMX,
+    """The dtype for `--dtype NAME`: fp32, bf16, or auto (bf16 on CUDA and on CPUs with bf16 dot
+    products, AVX512-BF16 or AMX: measured on an AVX512-BF16 EPYC, SmolLM2 greedy ran at 26.1 tok/s
+    in bf16 against 9.5 in fp32, once bf16 caches were attended in fp32 (session 13);
     fp32 elsewhere). Decoding is batch-invariant, so speculative output equals greedy in both."""
     if name == "auto":
         if torch.device(device).type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-        return torch.bfloat16 if has_amx() else torch.float32
+        return torch.bfloat16 if has_native_bf16() else torch.float32
     if name not in DECODE_DTYPES:
         raise GenerationError(f"dtype must be auto, fp32 or bf16, got {name!r}")
     return DECODE_DTYPES[name]

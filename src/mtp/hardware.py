@@ -19,12 +19,6 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
-def has_amx() -> bool:
-    """AMX bf16 tiles: a bf16 matmul of up to ~32 rows costs about as much as one row, so a
-    verify pass is nearly free."""
-    return "amx_bf16" in cpu_flags()
-
-
 def has_native_bf16() -> bool:
     """bf16 dot products in hardware (AVX512-BF16 or AMX). Without them a CPU computes bf16
     matmuls by conversion: training under bf16 autocast ran 2.4x slower than fp32 on an Ice Lake
