@@ -76,9 +76,9 @@ def test_frozen_bf16_graphs_are_reused_and_follow_weight_changes(monkeypatch):
     # bf16 on CPU compiles with the weights as constants (inductor freezing): a second decode of
     # the same shapes compiles nothing new (the fused weights and caches are kept, not rebuilt),
     # and weights changed in place after a decode are not served stale. Freezing is used only
-    # where frozen kernels round like eager ones (`frozen_rows_hold`, which depends on the CPU:
-    # on an AMD EPYC with AVX512-BF16 they do not); this test is about the graphs' lifetime, so
-    # it freezes whatever the CPU.
+    # where frozen kernels round like eager ones (`frozen_rows_hold`, which depends on the CPU and
+    # the shapes: for this tiny model on an AMD EPYC with AVX512-BF16 they do not); this test is
+    # about the graphs' lifetime, so it freezes whatever the CPU.
     from torch._dynamo.utils import counters
 
     import mtp.compiled

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Collection, Sequence
+from typing import Any, Callable, Collection, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -364,10 +364,7 @@ class SequentialDrafter:
         # Every row at the same positions (always at batch 1): windows are slices, not gathers
         # (a dozen fewer small ops per head, which is what a draft costs at this size).
         same = cache_rows is None and len(set(starts)) == 1 and len(set(lasts)) == 1
-        if same:
-            seq[:, len(known[0])] = pending
-        else:
-            seq[arange_r, n_known] = pending
+        seq[(slice(None), len(known[0])) if same else (arange_r, n_known)] = pending
         out = []
         for j in range(1, self.depth + 1):
             firsts = [max(s - (j - 1), 0) for s in starts]
@@ -375,38 +372,28 @@ class SequentialDrafter:
                 span = self.depth + j
             else:  # from the host's copies: no sync
                 span = max(e - f for e, f in zip(lasts, firsts)) + 1
-            f0, ahead0 = firsts[0], firsts[0] + j - starts[0] - 1  # x_{t+j} sits at seq[:, t + j - start - 1]
-            if same and f0 + span <= self.cache_len and ahead0 >= 0 and ahead0 + span <= width:
-                h = self.draft_slices(j, f0, span, seq[:, ahead0 : ahead0 + span])
-                logits = model.draft_unembed(h[:, lasts[0] - f0])
-                out.append(logits)
-                seq[:, len(known[0]) + j] = logits.argmax(-1)
-                continue
-            first = torch.tensor(firsts, device=device)  # (R,)
-            pos = first[:, None] + torch.arange(span, device=device)
-            slots = scratch_slots(pos, self.cache_len)
-            x = self.hidden[j - 1, index[:, None], slots]
-            ahead = seq.gather(1, (pos + j - start[:, None] - 1).clamp(0, width - 1))  # x_{t+j}
-            emb = F.embedding(ahead, model.tok_embeddings.weight)
-            h = model.cached_head(j, x, emb, pos, slots, cache_rows)
+            f0, a0 = firsts[0], firsts[0] + j - starts[0] - 1  # x_{t+j} sits at seq[:, t + j - start - 1]
+            if same and f0 + span <= self.cache_len and a0 >= 0 and a0 + span <= width:
+                pos = slots = self.positions[f0 : f0 + span].expand(R, -1)
+                window: tuple[Any, ...] = (slice(None), slice(f0, f0 + span))  # (row, position) of hidden
+                ahead = seq[:, a0 : a0 + span]
+                at_last: tuple[Any, ...] = (slice(None), lasts[0] - f0)
+                drafted: tuple[Any, ...] = (slice(None), len(known[0]) + j)
+            else:
+                first = torch.tensor(firsts, device=device)  # (R,)
+                pos = first[:, None] + torch.arange(span, device=device)
+                slots = scratch_slots(pos, self.cache_len)
+                window = (index[:, None], slots)
+                ahead = seq.gather(1, (pos + j - start[:, None] - 1).clamp(0, width - 1))
+                at_last, drafted = (arange_r, last - first), (arange_r, n_known + j)
+            emb = F.embedding(ahead, model.tok_embeddings.weight)  # x_{t+j}
+            h = model.cached_head(j, self.hidden[j - 1][window], emb, pos, slots, cache_rows)
             if j < self.depth:
-                self.hidden[j, index[:, None], slots] = h
-            logits = model.draft_unembed(h[arange_r, last - first])  # (R, V) at each row's last position
+                self.hidden[j][window] = h
+            logits = model.draft_unembed(h[at_last])  # (R, V) at each row's last position
             out.append(logits)
-            seq[arange_r, n_known + j] = logits.argmax(-1)  # draft j: x_{last+1+j}
+            seq[drafted] = logits.argmax(-1)  # draft j: x_{last+1+j}
         return torch.stack(out, dim=1)
-
-    def draft_slices(self, j: int, first: int, span: int, ahead: Tensor) -> Tensor:
-        """Head j+1 over positions first..first+span-1 of every row (all rows at the same
-        positions, inside the cache), reading tokens `ahead` (B, span); keeps its outputs for
-        head j+2. The same computation as `draft`'s gathers, with slices."""
-        model, B = self.model, self.state.batch
-        pos = self.positions[first : first + span].expand(B, -1)
-        x = self.hidden[j - 1, :, first : first + span]
-        h = model.cached_head(j, x, F.embedding(ahead, model.tok_embeddings.weight), pos, pos, None)
-        if j < self.depth:
-            self.hidden[j, :, first : first + span] = h
-        return h
 
 
 def draft_tokens(draft_logits: Tensor, tree: DraftTree, tables: TreeTables) -> Tensor:
