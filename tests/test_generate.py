@@ -31,9 +31,13 @@ def random_prompts(lengths: list[int], seed: int = 0, vocab: int = V) -> list[li
 
 
 # ----- sampling ---------------------------------------------------------------------------------
-def test_greedy_is_argmax_and_first_on_ties():
-    logits = torch.tensor([[0.0, 2.0, 2.0, 1.0], [5.0, -1.0, 0.0, 5.0]])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_greedy_is_argmax_and_first_on_ties(dtype):
+    logits = torch.tensor([[0.0, 2.0, 2.0, 1.0], [5.0, -1.0, 0.0, 5.0]], dtype=dtype)
     assert sample_next(logits, 0.0).tolist() == [1, 0]
+    wide = torch.randn(6, 3000, generator=torch.Generator().manual_seed(0)).to(dtype)  # many bf16 ties
+    wide[:, 2000] = wide.max()  # a late tie with the row maximum
+    assert torch.equal(sample_next(wide, 0.0), torch.tensor([int(torch.nonzero(r == r.max())[0]) for r in wide]))
 
 
 def test_temperature_top_k_top_p_distribution():

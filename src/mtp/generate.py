@@ -87,12 +87,21 @@ def _nucleus(probs: Tensor, top_p: float) -> Tensor:
     return kept / kept.sum(-1, keepdim=True)
 
 
+def greedy_token(logits: Tensor) -> Tensor:
+    """argmax over the last dim (first on ties). Half-precision logits on a CPU are compared in
+    fp32: the same values and the same first maximum, but torch's bf16 argmax there is scalar
+    (0.71 ms for 8 x 49152 logits against 0.19 ms converted, measured in session 14)."""
+    if logits.dtype in (torch.bfloat16, torch.float16) and logits.device.type == "cpu":
+        logits = logits.float()
+    return logits.argmax(-1)
+
+
 def sample_next(logits: Tensor, temperature: float = 0.0, top_k: int | None = None,
                 top_p: float | None = None, generator: torch.Generator | None = None) -> Tensor:
     """Next token ids (B,) from logits (B, V); greedy (argmax, first on ties) when temperature == 0."""
     check_sampling(temperature, top_k, top_p)
     if temperature == 0:
-        return logits.argmax(-1)
+        return greedy_token(logits)
     probs = sampling_probs(logits, temperature, top_k, top_p)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 

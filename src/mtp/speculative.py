@@ -36,7 +36,7 @@ from torch import Tensor
 
 from .generate import (
     GenerationError, GenerationResult, RowState, TokenCallback, cache_length, check_prompts,
-    check_sampling, commit_rows, make_generator, pad_prompts, prefill_rows, sampling_probs, scratch_slots,
+    check_sampling, commit_rows, greedy_token, make_generator, pad_prompts, prefill_rows, sampling_probs, scratch_slots,
     setup_decode_cache, token_limits,
 )
 from .compiled import compiled_decoding, eager, is_compiled
@@ -332,7 +332,7 @@ class SequentialDrafter:
         self.hidden[0, index[:, None], positions] = hidden[:, :, 0]
         last = lengths - 1
         first = model.unembed(hidden[torch.arange(len(rows), device=device), last, 0])  # (R, V)
-        drafts = self.draft(rows, torch.zeros_like(last), last, first.argmax(-1))
+        drafts = self.draft(rows, torch.zeros_like(last), last, greedy_token(first))
         return torch.cat([first[:, None], drafts], dim=1)
 
     def after_verify(self, block: Block, path: Tensor, hidden: Tensor, accepted: Tensor, pending: Tensor) -> Tensor:
@@ -392,7 +392,7 @@ class SequentialDrafter:
                 self.hidden[j][window] = h
             logits = model.draft_unembed(h[at_last])  # (R, V) at each row's last position
             out.append(logits)
-            seq[drafted] = logits.argmax(-1)  # draft j: x_{last+1+j}
+            seq[drafted] = greedy_token(logits)  # draft j: x_{last+1+j}
         return torch.stack(out, dim=1)
 
 
@@ -546,7 +546,7 @@ def greedy_step(dec: Decoder, pending: Tensor, draft_logits: Tensor) -> tuple[Te
     head_drafts = draft_tokens(draft_logits, dec.tree, dec.tables) if dec.heads > 1 else None
     nodes = torch.cat([pending[:, None], dec.propose(head_drafts)], dim=1)
     z, hidden = verify_forward(dec.model, dec.tree, dec.tables, block, nodes)
-    verdict = dec.model.unembed(hidden[:, :, 0]).argmax(-1)  # head 1: the greedy token after each node
+    verdict = greedy_token(dec.model.unembed(hidden[:, :, 0]))  # head 1: the greedy token after each node
     best = accepted_node(nodes, verdict, block, dec.tables)
     accepted = dec.tables.depth[best]
     rows = torch.arange(nodes.shape[0], device=nodes.device)
@@ -566,7 +566,7 @@ def greedy_step(dec: Decoder, pending: Tensor, draft_logits: Tensor) -> tuple[Te
 
 
 def pick_greedy(logits: Tensor) -> tuple[Tensor, Tensor]:
-    return logits[:, 0].argmax(-1), logits[:, 1:]
+    return greedy_token(logits[:, 0]), logits[:, 1:]
 
 
 @torch.no_grad()
