@@ -23,7 +23,7 @@ from torch import Tensor
 
 from .compiled import compiled_decoding, eager
 from .hardware import has_native_bf16
-from .model import Attention, MTPModel, attention_dtype
+from .model import Attention, MTPModel
 
 TokenCallback = Callable[[list[list[int]]], None]
 # Prefill runs in chunks so that at most this many logits (batch x chunk x heads x vocab) exist.
@@ -166,7 +166,7 @@ def kv_cache_bytes(model: MTPModel, batch: int, length: int, dtype: torch.dtype)
     """Bytes of keys + values for every attention block (trunk and transformer heads)."""
     cfg = model.cfg
     blocks = sum(isinstance(m, Attention) for m in model.modules())  # a shared head has one per depth
-    itemsize = torch.empty((), dtype=attention_dtype(dtype, next(model.parameters()).device)).element_size()
+    itemsize = torch.empty((), dtype=dtype).element_size()
     return 2 * blocks * batch * length * cfg.n_kv_heads * cfg.head_dim * itemsize
 
 

@@ -1170,12 +1170,8 @@ class MTPModel(nn.Module):
         if max_len > self.cfg.max_seq_len:
             raise ConfigError(f"cache length {max_len} exceeds max_seq_len={self.cfg.max_seq_len}")
         param = next(self.parameters())
+        dtype = dtype or param.dtype
         device = device or param.device
-        # Keys and values are kept in the dtype attention computes in (`attention_dtype`): a bf16
-        # model on a CPU caches them in fp32, exactly the values a bf16 cache would give attention
-        # after conversion, without converting every cached key again in every layer and pass
-        # (measured, session 14: 18% of a SmolLM2 batch-8 greedy step); twice the bytes.
-        dtype = attention_dtype(dtype or param.dtype, device)
         length = int(key_length(torch.tensor(max(max_len, 1) - 1)))
         # Frozen compiled graphs are specialised on the cache buffers themselves: those stay
         # allocated after decoding and are reused while long enough (stale slots are masked, as
@@ -1201,7 +1197,8 @@ class MTPModel(nn.Module):
                 if frozen:
                     m.__dict__["_kept_cache"] = (m.cache_k, m.cache_v)
         self.draft_stack = None
-        self.cache_dtype = self.attn_dtype = dtype
+        self.cache_dtype = dtype
+        self.attn_dtype = attention_dtype(dtype, device)
         if self.cfg.pos_emb == "rope":  # every position a pass can reach, before any compiled pass
             self.rope_table(length + 2 * QUERY_SLACK, device)
         # Row p: the additive causal mask of a query at position p (0 for slots <= p, else -inf);
