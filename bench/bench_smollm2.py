@@ -286,8 +286,7 @@ def benchmark(args: argparse.Namespace) -> None:
     models = {"fp32": model}
     if "bf16" in args.dtypes:  # drafts and verification in bf16: cheap verify (AMX), not HF's fp32 numbers
         models["bf16"] = load_model(args.checkpoint)[0].to(torch.bfloat16)
-    trees = [] if model.cfg.head_type == "sequential" else ["tree"]  # sequential heads draft chains only
-    modes = (args.modes or ["greedy", "spec1", "spec2", "spec3"] + trees + ["lookup3"]) + args.extra_modes
+    modes = (args.modes or ["greedy", "spec1", "spec2", "spec3", "tree", "lookup3"]) + args.extra_modes
     modes = modes if "greedy" in modes else ["greedy"] + modes  # what every mode is compared with
     greedy_of: dict[str, str] = {}  # mtp row -> the greedy row of its dtype and setting
     for dtype in args.dtypes:

@@ -160,3 +160,43 @@ def test_prompt_lookup_on_a_one_head_model_equals_greedy_and_accepts_repeats():
         out = speculative_generate(model, ps, 30, k=4, drafter="lookup")
         assert out.tokens == alone
         assert out.forwards > 0 and len(out.acceptance_rates) == 4
+
+
+def _tree_and_step_logits(dtype: torch.dtype, base: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Head 1's logits for two depth-1 siblings a (node 1, slot base+1: where a chain puts it) and
+    b (node 2, slot base+2: off the chain) in one tree verify pass after the token p at base, and
+    for a and for b fed alone at position base+1 after p (greedy steps)."""
+    model = tiny_model(0, dtype=dtype, dim=96, n_heads=6, n_kv_heads=2, n_future=2, init_std=0.2)
+    tokens = torch.randint(0, 512, (1, base + 3), generator=torch.Generator().manual_seed(base))
+    p, a, b = (int(t) for t in tokens[0, base:])
+    with torch.no_grad():
+        model.setup_cache(1, 128)
+        model(tokens[:, :base], torch.arange(base)[None])
+        sees = torch.arange(model.cache_len)[None, None] <= base
+        mask = sees.expand(1, 3, -1).clone()
+        mask[0, 1, base + 1] = mask[0, 2, base + 2] = True
+        _, hidden = model.trunk_and_heads(torch.tensor([[p, a, b]]), torch.tensor([[base, base + 1, base + 1]]),
+                                          slots=torch.tensor([[base, base + 1, base + 2]]), mask=mask, heads=1)
+        tree_a, tree_b = model.unembed(hidden[0, 1:, 0]).unbind(0)
+        model(torch.tensor([[p]]), torch.tensor([[base]]), heads=1)
+        step_a = model(torch.tensor([[a]]), torch.tensor([[base + 1]]), heads=1).reshape(-1)
+        step_b = model(torch.tensor([[b]]), torch.tensor([[base + 1]]), heads=1).reshape(-1)
+    return tree_a, step_a, tree_b, step_b
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_tree_node_on_the_chain_equals_a_greedy_step(dtype):
+    for base in range(20, 60, 4):
+        tree_a, step_a, _, _ = _tree_and_step_logits(DTYPES[dtype], base)
+        assert torch.equal(tree_a, step_a), base
+
+
+@pytest.mark.xfail(strict=True, reason="known bug (session 14): a tree node off the top-1 chain sits in another "
+                   "cache slot than greedy decoding gives its token, and SDPA sums over a key in another slot in "
+                   "another order, so its logits round differently (here at every position in fp32; in bf16 the "
+                   "rounding of attention's fp32 output hides it at this size, not always at SmolLM2's: its tree "
+                   "output equalled greedy on 6 of 8 prompts)")
+def test_tree_node_off_the_chain_equals_a_greedy_step():
+    for base in range(20, 60, 4):
+        _, _, tree_b, step_b = _tree_and_step_logits(torch.float32, base)
+        assert torch.equal(tree_b, step_b), base
