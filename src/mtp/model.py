@@ -590,26 +590,20 @@ class Attention(nn.Module):
 
     def _attend_reordered(self, q: Tensor, out: Tensor, ctx: "CacheContext") -> None:
         """Recompute into out (B, H * S, hd) the queries of `ctx.reordered`, each over its cache
-        row's keys gathered into the order it sees them (what a greedy step of its token reads:
-        its keys in slots 0..p), one SDPA call per key length, each query alone in its row."""
-        assert self.cache_k is not None and self.cache_v is not None
-        b, s, order, lengths, bias = ctx.reordered  # type: ignore[misc]
+        row's keys gathered in the order it sees them (what a greedy step of its token reads: its
+        keys in slots 0..p), one SDPA call per key length, each query alone in its row."""
+        assert self.cache_k is not None and self.cache_v is not None and ctx.reordered is not None
         B, S, H, hd = q.shape
-        at = bias.dtype
-        cache_rows = ctx.rows[b, 0]
         view = out.view(B, H, S, hd)
-        for n in lengths.unique().tolist():
-            hit = (lengths == n).nonzero().squeeze(1)
-            where = order[hit, :n]
-            qq = q[b[hit], s[hit]].to(at)[:, :, None].expand(-1, -1, bias.shape[2], -1).contiguous()
+        for b, s, cache_rows, where, bias in ctx.reordered:
+            at = bias.dtype
 
             def read(cache: Tensor) -> Tensor:
-                part = cache[cache_rows[hit, None], where]  # (Q, n, kv heads, hd)
-                return part.transpose(1, 2).to(at)
-            res = F.scaled_dot_product_attention(qq, read(self.cache_k), read(self.cache_v),
-                                                 attn_mask=bias[hit, ..., :n].contiguous(),
+                return cache[cache_rows[:, None], where].transpose(1, 2).to(at)  # (Q, kv heads, n, hd)
+            qq = q[b, s].to(at)[:, :, None].expand(-1, -1, bias.shape[2], -1).contiguous()
+            res = F.scaled_dot_product_attention(qq, read(self.cache_k), read(self.cache_v), attn_mask=bias,
                                                  enable_gqa=self.n_kv_heads != self.n_heads)[:, :, 0]
-            view[b[hit], :, s[hit]] = res.to(out.dtype)
+            view[b, :, s] = res.to(out.dtype)
 
 
 def fold_queries(q: Tensor, copies: int) -> Tensor:
@@ -795,13 +789,14 @@ class CacheContext:
     # over every cache slot, bias (B, 1, S, cache_len), no groups.
     dense: bool = False
     # Queries whose visible slots are not 0..p (tree nodes off the top-1 chain: their ancestors'
-    # keys sit in other slots than greedy decoding gives those tokens), made once per pass: (their
-    # input row, their index in the pass, the slots they see in ascending order followed by the
-    # rest (Q, cache_len), their key lengths (Q,), their masks as a greedy step's (Q, 1, sdpa_queries,
-    # cache_len)). `Attention.cached_attention` recomputes them over keys gathered into that order,
-    # so each sees its keys where greedy would: SDPA sums in slot order, and a key in another slot
-    # rounds differently (measured). None when every query sees 0..p, and in a compiled forward.
-    reordered: tuple[Tensor, Tensor, Tensor, Tensor, Tensor] | None = None
+    # keys sit in other slots than greedy decoding gives those tokens), grouped by key length n
+    # once per pass: (their input rows, their indices in the pass, their cache rows, the n slots
+    # each reads in order: the ones it sees ascending, then others (Q, n), masks as a greedy step's
+    # (Q, 1, sdpa_queries, n)). `Attention.cached_attention` recomputes them over keys gathered in
+    # that order, so each finds its keys where greedy would: SDPA sums in slot order, and a key in
+    # another slot rounds differently (measured). None when every query sees 0..p, and in a
+    # compiled forward.
+    reordered: list[tuple[Tensor, Tensor, Tensor, Tensor, Tensor]] | None = None
 
 
 def causal_cache_mask(positions: Tensor, kv_len: int) -> Tensor:
@@ -1337,12 +1332,14 @@ class MTPModel(nn.Module):
         # compiled forward leaves the grouping to the attention op (once per layer).
         lengths = key_length(input_pos).clamp(max=kv_len)
         groups = None if torch.compiler.is_compiling() else key_groups(lengths, bias, self.cfg.n_heads)
-        reordered = None if mask is None or torch.compiler.is_compiling() else self._reordered(mask, lengths)
+        reordered = None if mask is None or torch.compiler.is_compiling() else self._reordered(mask, lengths, rows)
         return CacheContext(rows=rows[:, None], slots=slots, bias=bias, groups=groups, lengths=lengths,
                             leading=leading, reordered=reordered)
 
-    def _reordered(self, mask: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor] | None:
-        """`CacheContext.reordered` for a pass with explicit masks (B, S, cache_len); one host sync."""
+    def _reordered(self, mask: Tensor, lengths: Tensor,
+                   rows: Tensor) -> list[tuple[Tensor, Tensor, Tensor, Tensor, Tensor]] | None:
+        """`CacheContext.reordered` for a pass with explicit masks (B, S, cache_len); host syncs
+        once per pass."""
         count = mask.sum(-1)  # slots each query sees; greedy decoding gives a query at p slots 0..p
         prefix = torch.arange(mask.shape[-1], device=mask.device) < count[..., None]
         off = (mask != prefix).any(-1)
@@ -1352,7 +1349,12 @@ class MTPModel(nn.Module):
         order = torch.sort((~mask[b, s]).to(torch.int8), dim=-1, stable=True).indices  # seen slots first, ascending
         bias = torch.zeros(prefix[b, s].shape, dtype=self.attn_dtype, device=mask.device).masked_fill_(
             ~prefix[b, s], float("-inf"))
-        return b, s, order, lengths[b, s], bias[:, None, None].expand(-1, -1, sdpa_queries(self.attn_dtype), -1)
+        bias = bias[:, None, None].expand(-1, -1, sdpa_queries(self.attn_dtype), -1)
+        groups = []
+        for n in lengths[b, s].unique().tolist():
+            hit = (lengths[b, s] == n).nonzero().squeeze(1)
+            groups.append((b[hit], s[hit], rows[b[hit]], order[hit, :n], bias[hit, ..., :n].contiguous()))
+        return groups
 
     def cache_move(self, rows: Tensor, src: Tensor, dst: Tensor) -> None:
         """Copy cached keys/values from slots `src` to slots `dst` (both (B, K)) for rows (B, 1):
