@@ -99,3 +99,13 @@ def test_frozen_bf16_graphs_are_reused_and_follow_weight_changes(monkeypatch):
     changed = generate(model, ps, n, compile=True).tokens
     fresh = generate(copy.deepcopy(model), ps, n, compile=True).tokens  # graphs compiled anew from the changed weights
     assert changed == fresh != first
+
+
+def test_compiled_tree_node_off_the_chain_equals_a_compiled_greedy_step():
+    # The compiled attention op finds the queries off the top-1 chain itself (from the masks), so
+    # compiled trees are exact too (see test_invariance's eager test).
+    from test_invariance import _tree_and_step_logits
+
+    for base in (21, 40):
+        tree_a, step_a, tree_b, step_b = _tree_and_step_logits(torch.float32, base, compile=True)
+        assert torch.equal(tree_a, step_a) and torch.equal(tree_b, step_b), base

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from mtp import generate, speculative_generate
 from mtp.model import (_calibrate, grouped_attention, invariant_linear, key_groups, key_length, order_probe,
                        sdpa_queries)
+from mtp.compiled import compiled_decoding, eager
 from mtp.speculative import tree_generate
 
 from conftest import tiny_model
@@ -162,19 +163,22 @@ def test_prompt_lookup_on_a_one_head_model_equals_greedy_and_accepts_repeats():
         assert out.forwards > 0 and len(out.acceptance_rates) == 4
 
 
-def _tree_and_step_logits(dtype: torch.dtype, base: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _tree_and_step_logits(dtype: torch.dtype, base: int, compile: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Head 1's logits for two depth-1 siblings a (node 1, slot base+1: where a chain puts it) and
     b (node 2, slot base+2: off the chain) in one tree verify pass after the token p at base, and
     for a and for b fed alone at position base+1 after p (greedy steps)."""
     model = tiny_model(0, dtype=dtype, dim=96, n_heads=6, n_kv_heads=2, n_future=2, init_std=0.2)
     tokens = torch.randint(0, 512, (1, base + 3), generator=torch.Generator().manual_seed(base))
     p, a, b = (int(t) for t in tokens[0, base:])
-    with torch.no_grad():
+    with torch.no_grad(), compiled_decoding(model, compile):
         model.setup_cache(1, 128)
-        model(tokens[:, :base], torch.arange(base)[None])
+        with eager(model):  # a prefill, as decoding runs it
+            model(tokens[:, :base], torch.arange(base)[None])
         sees = torch.arange(model.cache_len)[None, None] <= base
         mask = sees.expand(1, 3, -1).clone()
         mask[0, 1, base + 1] = mask[0, 2, base + 2] = True
+        if compile and not model.compiled.freeze:
+            torch._dynamo.mark_dynamic(mask, 2)  # as long as the cache, as verify_forward marks it
         _, hidden = model.trunk_and_heads(torch.tensor([[p, a, b]]), torch.tensor([[base, base + 1, base + 1]]),
                                           slots=torch.tensor([[base, base + 1, base + 2]]), mask=mask, heads=1)
         tree_a, tree_b = model.unembed(hidden[0, 1:, 0]).unbind(0)

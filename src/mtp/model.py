@@ -581,29 +581,12 @@ class Attention(nn.Module):
         if ctx.groups is None:
             assert ctx.lengths is not None
             return torch.ops.mtp.cached_attention(q, self.cache_k, self.cache_v, ctx.bias, ctx.lengths,
-                                                  ctx.rows[:, 0], ctx.leading)
+                                                  ctx.rows[:, 0], ctx.leading, ctx.masked)
         rows = slice(0, q.shape[0]) if ctx.leading else ctx.rows[:, 0]
         out = grouped_attention(q, self.cache_k, self.cache_v, ctx.groups, rows)
         if ctx.reordered is not None and self.exact:
-            self._attend_reordered(q, out, ctx)
+            attend_reordered(q, out, self.cache_k, self.cache_v, ctx.reordered)
         return out
-
-    def _attend_reordered(self, q: Tensor, out: Tensor, ctx: "CacheContext") -> None:
-        """Recompute into out (B, H * S, hd) the queries of `ctx.reordered`, each over its cache
-        row's keys gathered in the order it sees them (what a greedy step of its token reads: its
-        keys in slots 0..p), one SDPA call per key length, each query alone in its row."""
-        assert self.cache_k is not None and self.cache_v is not None and ctx.reordered is not None
-        B, S, H, hd = q.shape
-        view = out.view(B, H, S, hd)
-        for b, s, cache_rows, where, bias in ctx.reordered:
-            at = bias.dtype
-
-            def read(cache: Tensor) -> Tensor:
-                return cache[cache_rows[:, None], where].transpose(1, 2).to(at)  # (Q, kv heads, n, hd)
-            qq = q[b, s].to(at)[:, :, None].expand(-1, -1, bias.shape[2], -1).contiguous()
-            res = F.scaled_dot_product_attention(qq, read(self.cache_k), read(self.cache_v), attn_mask=bias,
-                                                 enable_gqa=self.n_kv_heads != self.n_heads)[:, :, 0]
-            view[b, :, s] = res.to(out.dtype)
 
 
 def fold_queries(q: Tensor, copies: int) -> Tensor:
@@ -684,22 +667,66 @@ def grouped_attention(q: Tensor, cache_k: Tensor, cache_v: Tensor, groups: Seque
     return out.to(q.dtype)
 
 
+Reordered = list[tuple[Tensor, Tensor, Tensor, Tensor, Tensor]]
+
+
+def reordered_queries(mask: Tensor, lengths: Tensor, rows: Tensor, dtype: torch.dtype) -> Reordered | None:
+    """`CacheContext.reordered` for queries with masks (B, S, cache_len) and key lengths (B, S)
+    on cache rows `rows` (B,), masks in `dtype`; None when every query sees slots 0..p. Host syncs."""
+    count = mask.sum(-1)  # slots each query sees; greedy decoding gives a query at p slots 0..p
+    prefix = torch.arange(mask.shape[-1], device=mask.device) < count[..., None]
+    off = (mask != prefix).any(-1)
+    if not bool(off.any()):
+        return None
+    b, s = off.nonzero(as_tuple=True)
+    order = torch.sort((~mask[b, s]).to(torch.int8), dim=-1, stable=True).indices  # seen slots first, ascending
+    bias = torch.zeros(prefix[b, s].shape, dtype=dtype, device=mask.device).masked_fill_(~prefix[b, s], float("-inf"))
+    bias = bias[:, None, None].expand(-1, -1, sdpa_queries(dtype), -1)
+    groups = []
+    for n in lengths[b, s].unique().tolist():
+        hit = (lengths[b, s] == n).nonzero().squeeze(1)
+        groups.append((b[hit], s[hit], rows[b[hit]], order[hit, :n], bias[hit, ..., :n].contiguous()))
+    return groups
+
+
+def attend_reordered(q: Tensor, out: Tensor, cache_k: Tensor, cache_v: Tensor, groups: Reordered) -> None:
+    """Recompute into out (B, H * S, hd) the queries of `groups` (`reordered_queries`), each over
+    its cache row's keys gathered in the order it sees them (what a greedy step of its token
+    reads: its keys in slots 0..p), one SDPA call per key length, each query alone in its row."""
+    B, S, H, hd = q.shape
+    view = out.view(B, H, S, hd)
+    for b, s, cache_rows, where, bias in groups:
+        at = bias.dtype
+
+        def read(cache: Tensor) -> Tensor:
+            return cache[cache_rows[:, None], where].transpose(1, 2).to(at)  # (Q, kv heads, n, hd)
+        qq = q[b, s].to(at)[:, :, None].expand(-1, -1, bias.shape[2], -1).contiguous()
+        res = F.scaled_dot_product_attention(qq, read(cache_k), read(cache_v), attn_mask=bias,
+                                             enable_gqa=cache_k.shape[2] != H)[:, :, 0]
+        view[b, :, s] = res.to(out.dtype)
+
+
 def _cached_attention_op(q: Tensor, cache_k: Tensor, cache_v: Tensor, bias: Tensor, lengths: Tensor,
-                         rows: Tensor, leading: bool) -> Tensor:
+                         rows: Tensor, leading: bool, masked: bool) -> Tensor:
     """`grouped_attention` with the grouping done here, at run time: a compiled forward keeps its
     shapes static (the keys attended vary with the positions) and never syncs with the host."""
-    return grouped_attention(q, cache_k, cache_v, key_groups(lengths, bias, q.shape[2]),
-                             slice(0, rows.shape[0]) if leading else rows)
+    out = grouped_attention(q, cache_k, cache_v, key_groups(lengths, bias, q.shape[2]),
+                            slice(0, rows.shape[0]) if leading else rows)
+    if masked:  # a pass with explicit masks (a tree's) may have queries off the top-1 chain
+        groups = reordered_queries(bias[:, :, 0] == 0, lengths, rows, bias.dtype)
+        if groups is not None:
+            attend_reordered(q, out, cache_k, cache_v, groups)
+    return out
 
 
 def _cached_attention_fake(q: Tensor, cache_k: Tensor, cache_v: Tensor, bias: Tensor, lengths: Tensor,
-                           rows: Tensor, leading: bool) -> Tensor:
+                           rows: Tensor, leading: bool, masked: bool) -> Tensor:
     B, S, H, hd = q.shape
     return q.new_empty(B, H * S, hd)
 
 
 _opaque_op("cached_attention(Tensor q, Tensor cache_k, Tensor cache_v, Tensor bias, Tensor lengths, Tensor rows, "
-           "bool leading) -> Tensor", _cached_attention_op, _cached_attention_fake)
+           "bool leading, bool masked) -> Tensor", _cached_attention_op, _cached_attention_fake)
 
 
 class FeedForward(nn.Module):
@@ -796,7 +823,8 @@ class CacheContext:
     # that order, so each finds its keys where greedy would: SDPA sums in slot order, and a key in
     # another slot rounds differently (measured). None when every query sees 0..p, and in a
     # compiled forward.
-    reordered: list[tuple[Tensor, Tensor, Tensor, Tensor, Tensor]] | None = None
+    reordered: "Reordered | None" = None
+    masked: bool = False  # the pass came with explicit masks (a tree's), not the causal ones
 
 
 def causal_cache_mask(positions: Tensor, kv_len: int) -> Tensor:
@@ -1319,6 +1347,7 @@ class MTPModel(nn.Module):
             raise ConfigError(f"mask covers {mask.shape[-1]} cache slots, the cache has {kv_len}")
         leading = rows is None
         rows = torch.arange(B, device=tokens.device) if rows is None else rows
+        explicit = mask is not None  # a tree's masks; the causal ones are made below
         if mask is None and not torch.compiler.is_compiling() and self.causal_bias is not None:  # (a graph never reads it)
             bias = F.embedding(input_pos.clamp(max=kv_len - 1), self.causal_bias)
         else:
@@ -1332,29 +1361,10 @@ class MTPModel(nn.Module):
         # compiled forward leaves the grouping to the attention op (once per layer).
         lengths = key_length(input_pos).clamp(max=kv_len)
         groups = None if torch.compiler.is_compiling() else key_groups(lengths, bias, self.cfg.n_heads)
-        reordered = None if mask is None or torch.compiler.is_compiling() else self._reordered(mask, lengths, rows)
+        reordered = None if not explicit or torch.compiler.is_compiling() else \
+            reordered_queries(mask, lengths, rows, self.attn_dtype)
         return CacheContext(rows=rows[:, None], slots=slots, bias=bias, groups=groups, lengths=lengths,
-                            leading=leading, reordered=reordered)
-
-    def _reordered(self, mask: Tensor, lengths: Tensor,
-                   rows: Tensor) -> list[tuple[Tensor, Tensor, Tensor, Tensor, Tensor]] | None:
-        """`CacheContext.reordered` for a pass with explicit masks (B, S, cache_len); host syncs
-        once per pass."""
-        count = mask.sum(-1)  # slots each query sees; greedy decoding gives a query at p slots 0..p
-        prefix = torch.arange(mask.shape[-1], device=mask.device) < count[..., None]
-        off = (mask != prefix).any(-1)
-        if not bool(off.any()):
-            return None
-        b, s = off.nonzero(as_tuple=True)
-        order = torch.sort((~mask[b, s]).to(torch.int8), dim=-1, stable=True).indices  # seen slots first, ascending
-        bias = torch.zeros(prefix[b, s].shape, dtype=self.attn_dtype, device=mask.device).masked_fill_(
-            ~prefix[b, s], float("-inf"))
-        bias = bias[:, None, None].expand(-1, -1, sdpa_queries(self.attn_dtype), -1)
-        groups = []
-        for n in lengths[b, s].unique().tolist():
-            hit = (lengths[b, s] == n).nonzero().squeeze(1)
-            groups.append((b[hit], s[hit], rows[b[hit]], order[hit, :n], bias[hit, ..., :n].contiguous()))
-        return groups
+                            leading=leading, reordered=reordered, masked=explicit)
 
     def cache_move(self, rows: Tensor, src: Tensor, dst: Tensor) -> None:
         """Copy cached keys/values from slots `src` to slots `dst` (both (B, K)) for rows (B, 1):
