@@ -25,7 +25,7 @@ held-out text) -> runs/smollm2/heads.
 Benchmark: held-out prompts (code and English, written for this benchmark) decoded side by side
 at each batch size: transformers `generate` greedy, prompt lookup decoding
 (`prompt_lookup_num_tokens=4`, batch 1 only in transformers), mtp greedy, mtp self-speculative
-chains spec1..3 (and the default tree, for parallel/causal heads) and prompt lookup (lookup3), in
+chains spec1..3, the default tree and prompt lookup (lookup3), in
 fp32 and bf16 (`--dtypes`). Columns:
 tokens/s, tokens per forward (per row), speedup vs HF greedy, per-draft-head acceptance, how many
 outputs equal HF's fp32 batch-1 greedy tokens, and how many equal mtp greedy in the same dtype

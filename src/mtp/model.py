@@ -958,7 +958,6 @@ class MTPModel(nn.Module):
         self.cache_len = 0
         self.draft_stack: DraftStack | None = None  # set by setup_cache for parallel heads
         self.causal_bias: Tensor | None = None  # (cache_len, cache_len) masks by position, set by setup_cache
-        self.cache_dtype = torch.float32
         self.attn_dtype = torch.float32  # what cached attention computes in (`attention_dtype`)
         # While decoding with --compile: the torch.compile'd passes (mtp.compiled.CompiledPasses),
         # which the cached methods below hand their decoding calls to; None otherwise.
@@ -1266,7 +1265,6 @@ class MTPModel(nn.Module):
                 if frozen:
                     m.__dict__["_kept_cache"] = (m.cache_k, m.cache_v)
         self.draft_stack = None
-        self.cache_dtype = dtype
         self.attn_dtype = attention_dtype(dtype, device)
         if self.cfg.pos_emb == "rope":  # every position a pass can reach, before any compiled pass
             self.rope_table(length + 2 * QUERY_SLACK, device)
