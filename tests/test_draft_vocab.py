@@ -150,9 +150,9 @@ def test_decoding_drafts_only_draft_tokens_and_equals_greedy(head_type, monkeypa
     seen = []
     verify = spec.verify_forward
 
-    def recording(model, tree, tables, block, nodes):
-        seen.append(nodes[:, 1:].flatten())
-        return verify(model, tree, tables, block, nodes)
+    def recording(model, tree, tables, block, nodes, rows=None):
+        seen.append((nodes if rows is None else nodes[rows])[:, 1:].flatten())  # the rows verified
+        return verify(model, tree, tables, block, nodes, rows)
 
     monkeypatch.setattr(spec, "verify_forward", recording)
     g = torch.Generator().manual_seed(4)

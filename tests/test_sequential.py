@@ -85,6 +85,28 @@ def test_every_sequential_mode_batched_and_alone_equals_greedy_alone(dtype):
     assert speculative_sample(model, ps, n, k=2, temperature=0.0).tokens == alone
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_finished_rows_sit_out_of_later_passes(monkeypatch, dtype):
+    # Once some rows of a batch have finished, a verify pass runs only the others (in their own
+    # cache rows): every prompt still gets the tokens it gets decoded alone, chains, trees and
+    # prompt lookup alike, and the passes really do shrink.
+    import mtp.speculative as spec
+    model, ps, n = seq_model(dtype=DTYPES[dtype]), prompts(3, 7, 3, 50), 30
+    alone = [generate(model, [p], n).tokens[0] for p in ps]
+    verify, sizes = spec.verify_forward, []
+
+    def counting(model_, tree, tables, block, nodes, rows=None):
+        sizes.append(nodes.shape[0] if rows is None else rows.numel())
+        return verify(model_, tree, tables, block, nodes, rows)
+
+    monkeypatch.setattr(spec, "verify_forward", counting)
+    for run in (partial(speculative_generate, k=3), partial(speculative_generate, k=2, drafter="both"),
+                partial(speculative_generate, k=3, drafter="lookup"), partial(tree_generate, tree=(3, 2, 1))):
+        sizes.clear()
+        assert run(model, ps, n, batch_size=3).tokens == alone
+        assert max(sizes) == 3 and min(sizes) < 3
+
+
 def test_sequential_sampling_preserves_the_distribution():
     # As for parallel heads (test_speculative): the joint distribution of the first 5 tokens on a
     # 4-token vocabulary, enumerated exactly, against 1500 speculative samples with 3 drafts.

@@ -250,8 +250,9 @@ def tree_mask(block: Block, ancestors: Tensor, kv_len: int) -> Tensor:
 
 
 def verify_forward(model: MTPModel, tree: DraftTree, tables: TreeTables, block: Block,
-                   nodes: Tensor) -> tuple[Tensor, Tensor]:
-    """Trunk output (B, N, dim) and the heads' hidden states (B, N, heads, dim) at every node.
+                   nodes: Tensor, rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Trunk output (B, N, dim) and the heads' hidden states (B, N, heads, dim) at every node;
+    with `rows` (R,), only those rows of the batch (in their cache rows), (R, N, ...).
 
     Only head 1 runs here (all heads with anticausal heads, whose head 1 needs the others): it
     decides what is accepted, and the draft heads are needed only on the accepted path
@@ -260,7 +261,10 @@ def verify_forward(model: MTPModel, tree: DraftTree, tables: TreeTables, block: 
     if mask is not None and is_compiled(model) and not model.compiled.freeze:
         torch._dynamo.mark_dynamic(mask, 2)  # as long as the cache: a dynamic size when compiled (unfrozen)
     heads = min(tree.depth + 1, model.cfg.n_future) if model.cfg.head_type == "anticausal" else 1
-    return model.trunk_and_heads(nodes, block.positions, slots=block.slots, mask=mask, heads=heads)
+    if rows is None:
+        return model.trunk_and_heads(nodes, block.positions, slots=block.slots, mask=mask, heads=heads)
+    return model.trunk_and_heads(nodes[rows], block.positions[rows], slots=block.slots[rows],
+                                 mask=None if mask is None else mask[rows], heads=heads, rows=rows)
 
 
 def draft_hidden(dec: "Decoder", block: Block, z: Tensor, hidden: Tensor, best: Tensor, accepted: Tensor) -> Tensor:
@@ -335,16 +339,22 @@ class SequentialDrafter:
         drafts = self.draft(rows, torch.zeros_like(last), last, greedy_token(first))
         return torch.cat([first[:, None], drafts], dim=1)
 
-    def after_verify(self, block: Block, path: Tensor, hidden: Tensor, accepted: Tensor, pending: Tensor) -> Tensor:
-        """Draft logits (B, depth, V) after a verify pass with head-1 states `hidden` (B, N, 1, dim)
-        at its nodes, `path` (B, depth+1) the nodes of each row's accepted path (`TreeTables.path`),
-        `accepted` drafts and the new pending tokens. The path's states go to positions
-        base..base+depth, where its tokens now are (a chain's path is its nodes in order)."""
-        rows = torch.arange(hidden.shape[0], device=hidden.device)[:, None]
+    def after_verify(self, block: Block, path: Tensor, hidden: Tensor, accepted: Tensor, pending: Tensor,
+                     rows: Sequence[int] | None = None) -> Tensor:
+        """Draft logits (R, depth, V) after a verify pass with head-1 states `hidden` (R, N, 1, dim)
+        at its nodes, for the batch rows `rows` (default: all, R = B); `path` (B, depth+1) the
+        nodes of each row's accepted path (`TreeTables.path`), `accepted` drafts and the new
+        pending tokens (B,). The path's states go to positions base..base+depth, where its
+        tokens now are (a chain's path is its nodes in order)."""
+        if rows is None:  # every row: no gathers (small ops are what a pass costs at batch 1)
+            rows, index, base = range(self.state.batch), torch.arange(hidden.shape[0], device=hidden.device), block.base
+        else:
+            index = torch.tensor(list(rows), device=hidden.device)
+            base, path, accepted, pending = block.base[index], path[index], accepted[index], pending[index]
         states = hidden[:, :, 0].gather(1, path[:, :, None].expand(-1, -1, hidden.shape[-1]))
-        slots = scratch_slots(block.base[:, None] + torch.arange(path.shape[1], device=path.device), self.cache_len)
-        self.hidden[0, rows, slots] = states
-        return self.draft(range(self.state.batch), block.base, block.base + accepted, pending)
+        slots = scratch_slots(base[:, None] + torch.arange(path.shape[1], device=path.device), self.cache_len)
+        self.hidden[0, index[:, None], slots] = states
+        return self.draft(rows, base, base + accepted, pending)
 
     def draft(self, rows: Sequence[int], start: Tensor, last: Tensor, pending: Tensor) -> Tensor:
         """Draft logits (R, depth, V) of `rows` whose head-1 states are new at start..last (R,)
@@ -545,8 +555,15 @@ def greedy_step(dec: Decoder, pending: Tensor, draft_logits: Tensor) -> tuple[Te
     block = block_layout(dec.state, dec.tables, dec.cache_len)
     head_drafts = draft_tokens(draft_logits, dec.tree, dec.tables) if dec.heads > 1 else None
     nodes = torch.cat([pending[:, None], dec.propose(head_drafts)], dim=1)
-    z, hidden = verify_forward(dec.model, dec.tree, dec.tables, block, nodes)
-    verdict = greedy_token(dec.model.unembed(hidden[:, :, 0]))  # head 1: the greedy token after each node
+    live = active_subset(dec)
+    index = None if live is None else torch.tensor(live, device=nodes.device)
+    if index is None:
+        z, hidden = verify_forward(dec.model, dec.tree, dec.tables, block, nodes)
+        verdict = greedy_token(dec.model.unembed(hidden[:, :, 0]))  # head 1: the greedy token after each node
+    else:  # finished rows sit out; the others' logits are bitwise the same (batch-invariant passes)
+        z, hidden = verify_forward(dec.model, dec.tree, dec.tables, block, nodes, rows=index)
+        verdict = nodes.clone()  # finished rows: any tokens (not useful, never committed)
+        verdict[index] = greedy_token(dec.model.unembed(hidden[:, :, 0]))
     best = accepted_node(nodes, verdict, block, dec.tables)
     accepted = dec.tables.depth[best]
     rows = torch.arange(nodes.shape[0], device=nodes.device)
@@ -560,9 +577,27 @@ def greedy_step(dec: Decoder, pending: Tensor, draft_logits: Tensor) -> tuple[Te
     if dec.heads == 1:  # prompt lookup alone: no draft heads to run
         return bonus, draft_logits
     if dec.sequential is not None:
-        return bonus, dec.sequential.after_verify(block, dec.tables.path[best], hidden, accepted, bonus)
+        drafted = dec.sequential.after_verify(block, dec.tables.path[best], hidden, accepted, bonus, live)
+        if index is None:
+            return bonus, drafted
+        draft_logits = draft_logits.clone()  # finished rows keep stale drafts until a refill replaces them
+        draft_logits[index] = drafted
+        return bonus, draft_logits
     drafts = draft_hidden(dec, block, z, hidden, best, accepted)
     return bonus, dec.model.draft_unembed(drafts)
+
+
+def active_subset(dec: Decoder) -> list[int] | None:
+    """The batch rows still decoding, when some have finished and the pass can leave the others
+    out (eager passes; heads that draft from head 1's states alone or no heads: sequential heads
+    or prompt lookup); None: the pass runs every row. Finished rows then cost nothing while the
+    slowest rows of a batch finish."""
+    live = dec.state.active_rows()
+    if len(live) == dec.state.batch or is_compiled(dec.model):
+        return None
+    if dec.sequential is None and dec.heads > 1:  # parallel/causal heads draft from every row's z
+        return None
+    return live
 
 
 def pick_greedy(logits: Tensor) -> tuple[Tensor, Tensor]:
