@@ -580,17 +580,17 @@ def greedy_step(dec: Decoder, pending: Tensor, draft_logits: Tensor) -> tuple[Te
         drafted = dec.sequential.after_verify(block, dec.tables.path[best], hidden, accepted, bonus, live)
         if index is None:
             return bonus, drafted
-        draft_logits = draft_logits.clone()  # finished rows keep stale drafts until a refill replaces them
-        draft_logits[index] = drafted
+        draft_logits[index] = drafted  # in place, as refill_rows does; finished rows' stale drafts go unused
         return bonus, draft_logits
     drafts = draft_hidden(dec, block, z, hidden, best, accepted)
     return bonus, dec.model.draft_unembed(drafts)
 
 
 def active_subset(dec: Decoder) -> list[int] | None:
-    """The batch rows still decoding, when some have finished and the pass can leave the others
-    out (eager passes; heads that draft from head 1's states alone or no heads: sequential heads
-    or prompt lookup); None: the pass runs every row. Finished rows then cost nothing while the
+    """The batch rows still decoding, when some have finished and a greedy verify pass can leave
+    the others out (eager passes; heads that draft from head 1's states alone or no heads:
+    sequential heads or prompt lookup; speculative sampling keeps full passes); None: the pass
+    runs every row. Finished rows then cost nothing while the
     slowest rows of a batch finish."""
     live = dec.state.active_rows()
     if len(live) == dec.state.batch or is_compiled(dec.model):
