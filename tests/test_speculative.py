@@ -23,7 +23,7 @@ from mtp.generate import GenerationError, generate, sampling_probs
 from mtp import speculative as spec_mod
 from mtp.loss import mtp_backward
 from mtp.speculative import (
-    DraftTree, speculative_generate, speculative_sample, tree_generate, tree_mask, Block,
+    DraftTree, speculative_generate, speculative_sample, tree_generate, tree_mask, Block, HostBlock, accepted_nodes,
 )
 
 from conftest import tiny_model
@@ -210,6 +210,20 @@ def test_tree_mask_sees_prefix_ancestors_and_self():
     assert mask[4].tolist() == [1, 1, 1, 1, 0, 0, 1, 1, 0, 0]  # prefix 0..2, root 3, node 3 (slot 6), itself
     assert mask[2].tolist() == [1, 1, 1, 1, 1, 1, 0, 0, 0, 0]
     assert mask[0].tolist() == [1, 1, 1, 1, 0, 0, 0, 0, 0, 0]
+
+
+def test_accepted_nodes_follow_the_agreeing_path_within_the_budget():
+    tree = DraftTree.from_branching((2, 1))  # nodes: 0 root, 1 (0,), 2 (0,0), 3 (1,), 4 (1,0)
+    tables = tree.tables("cpu")
+    nodes = [[5, 7, 8, 6, 9]] * 3
+    # head 1 after the root says 6 (rank-2 candidate, node 3), after node 3 says 9 (node 4)
+    verdict = [[6, 1, 1, 9, 2]] * 3
+    useful = [[True] * 5, [True, True, False, True, False], [False] * 5]  # depth budget 2, 1; finished row
+    host = HostBlock([0, 0, 0], useful, [True, True, False])
+    assert accepted_nodes(nodes, verdict, host, tables) == [4, 3, 0]
+    assert host.max_depth(tables) == [2, 1, 0]
+    # the top-1 chain agreeing: node 2, depth 2
+    assert accepted_nodes([[5, 7, 8, 6, 9]], [[7, 8, 3, 0, 0]], HostBlock([0], [[True] * 5], [True]), tables) == [2]
 
 
 # ----- real models: exact equality with greedy --------------------------------------------------

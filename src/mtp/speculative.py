@@ -124,6 +124,11 @@ class TreeTables:
     rank: Tensor  # (N,)
     ancestors: Tensor  # (N, N) bool: ancestors[i, j] when j is i or an ancestor of i
     path: Tensor  # (N, D + 1): path[i, d] = the node at depth d on the way to i (i itself past its depth)
+    # Host copies: acceptance is decided on the host from one copy of the pass's tokens (a few
+    # small tensor ops cost more than the whole decision in Python at these sizes).
+    depths: list[int] = field(default_factory=list)
+    parents: list[int] = field(default_factory=list)
+    paths: list[list[int]] = field(default_factory=list)
 
     @classmethod
     def build(cls, tree: DraftTree, device: torch.device | str) -> "TreeTables":
@@ -137,12 +142,15 @@ class TreeTables:
                 j = index[p[:d]] if d <= len(p) else i
                 path[i, d] = j
                 ancestors[i, j] = True
+        depths = [len(p) for p in nodes]
+        parents = [index[p[:-1]] if p else 0 for p in nodes]
         return cls(
-            depth=torch.tensor([len(p) for p in nodes], device=device),
-            parent=torch.tensor([index[p[:-1]] if p else 0 for p in nodes], device=device),
+            depth=torch.tensor(depths, device=device),
+            parent=torch.tensor(parents, device=device),
             rank=torch.tensor([p[-1] if p else 0 for p in nodes], device=device),
             ancestors=ancestors.to(device),
             path=path.to(device),
+            depths=depths, parents=parents, paths=path.tolist(),
         )
 
 
@@ -196,23 +204,26 @@ class SpeculativeResult(GenerationResult):
 
 
 class DraftStats:
-    """Accumulates per-depth attempts / accepts as tensors (no sync per step)."""
+    """Per-depth attempts / accepts, counted on the host from each pass's accepted drafts (which
+    the host reads anyway to commit them)."""
 
-    def __init__(self, depth: int, device: torch.device | str) -> None:
-        self.levels = torch.arange(1, depth + 1, device=device)
-        self.attempts = torch.zeros(depth, dtype=torch.long, device=device)
-        self.accepts = torch.zeros(depth, dtype=torch.long, device=device)
+    def __init__(self, depth: int) -> None:
+        self.attempts = [0] * depth
+        self.accepts = [0] * depth
 
-    def update(self, accepted: Tensor, max_depth: Tensor, active: Tensor) -> None:
-        """accepted: drafts accepted per row (B,); max_depth: deepest draft a row could accept."""
-        tried = (accepted[:, None] >= self.levels - 1) & (max_depth[:, None] >= self.levels) & active[:, None]
-        self.attempts += tried.sum(0)
-        self.accepts += ((accepted[:, None] >= self.levels) & active[:, None]).sum(0)
+    def update(self, accepted: Sequence[int], max_depth: Sequence[int], active: Sequence[bool]) -> None:
+        """accepted: drafts accepted per row; max_depth: deepest draft a row could accept."""
+        for a, m, on in zip(accepted, max_depth, active):
+            if on:
+                for j in range(min(a + 1, m)):  # depth j+1 tried when drafts 1..j were accepted
+                    self.attempts[j] += 1
+                for j in range(a):
+                    self.accepts[j] += 1
 
     def finish(self, state: RowState) -> SpeculativeResult:
         base = state.result()
         return SpeculativeResult(base.tokens, base.forwards, base.row_forwards, base.stop_reasons,
-                                 self.attempts.tolist(), self.accepts.tolist())
+                                 list(self.attempts), list(self.accepts))
 
 
 # ----- one verify pass --------------------------------------------------------------------------
@@ -225,19 +236,41 @@ class Block:
     slots: Tensor  # (B, N) cache slots: base + node index (scratch slot when past the cache)
     useful: Tensor  # (B, N) nodes that may be accepted: row unfinished, depth within its budget, slot in the cache
     active: Tensor  # (B,)
+    host: "HostBlock | None" = None  # the same on the host (`block_layout`)
+
+
+@dataclass
+class HostBlock:
+    base: list[int]
+    useful: list[list[bool]]
+    active: list[bool]
+
+    def max_depth(self, tables: TreeTables) -> list[int]:
+        """Deepest draft each row could accept (0 when none)."""
+        return [max((d for d, u in zip(tables.depths, us) if u), default=0) for us in self.useful]
 
 
 def block_layout(state: RowState, tables: TreeTables, cache_len: int) -> Block:
-    device = tables.depth.device
-    n_nodes, depth = tables.path.shape  # path has depth + 1 columns; shapes need no device sync
-    depth -= 1
-    base = torch.tensor([state.pending_position(r) for r in range(state.batch)], device=device)
-    # A row with m tokens left can use at most m-1 drafts (the bonus token is the m-th).
-    budget = torch.tensor([min(depth, state.remaining(r) - 1) if state.is_active(r) else -1
-                           for r in range(state.batch)], device=device)
-    raw = base[:, None] + torch.arange(n_nodes, device=device)
-    useful = (tables.depth <= budget[:, None]) & (raw <= cache_len - 2)
-    return Block(base, base[:, None] + tables.depth, scratch_slots(raw, cache_len), useful, budget >= 0)
+    """The pass's layout, made on the host and copied to the device in one tensor."""
+    depths = tables.depths
+    n, depth = len(depths), max(depths)
+    base, useful, active = [], [], []
+    planes: list[list[list[int]]] = [[], [], [], []]  # positions, slots, useful, active: (4, B, N)
+    for r in range(state.batch):
+        b = state.pending_position(r)
+        # A row with m tokens left can use at most m-1 drafts (the bonus token is the m-th).
+        budget = min(depth, state.remaining(r) - 1) if state.is_active(r) else -1
+        us = [d <= budget and b + i <= cache_len - 2 for i, d in enumerate(depths)]
+        base.append(b)
+        useful.append(us)
+        active.append(budget >= 0)
+        planes[0].append([b + d for d in depths])
+        planes[1].append([min(b + i, cache_len - 1) for i in range(n)])  # as scratch_slots
+        planes[2].append([int(u) for u in us])
+        planes[3].append([int(budget >= 0)] * n)
+    t = torch.tensor(planes, device=tables.depth.device)
+    flags = t[2:].bool()
+    return Block(t[0, :, 0], t[0], t[1], flags[0], flags[1, :, 0], HostBlock(base, useful, active))
 
 
 def tree_mask(block: Block, ancestors: Tensor, kv_len: int) -> Tensor:
@@ -336,44 +369,46 @@ class SequentialDrafter:
         self.hidden[0, index[:, None], positions] = hidden[:, :, 0]
         last = lengths - 1
         first = model.unembed(hidden[torch.arange(len(rows), device=device), last, 0])  # (R, V)
-        drafts = self.draft(rows, torch.zeros_like(last), last, greedy_token(first))
+        drafts = self.draft(rows, [0] * len(rows), last.tolist(), greedy_token(first))
         return torch.cat([first[:, None], drafts], dim=1)
 
-    def after_verify(self, block: Block, path: Tensor, hidden: Tensor, accepted: Tensor, pending: Tensor,
+    def after_verify(self, block: Block, path: Tensor, hidden: Tensor, accepted: Sequence[int], pending: Tensor,
                      rows: Sequence[int] | None = None) -> Tensor:
         """Draft logits (R, depth, V) after a verify pass with head-1 states `hidden` (R, N, 1, dim)
         at its nodes, for the batch rows `rows` (default: all, R = B); `path` (B, depth+1) the
-        nodes of each row's accepted path (`TreeTables.path`), `accepted` drafts and the new
-        pending tokens (B,). The path's states go to positions base..base+depth, where its
-        tokens now are (a chain's path is its nodes in order)."""
+        nodes of each row's accepted path (`TreeTables.path`), `accepted` drafts (B, on the host)
+        and the new pending tokens (B,). The path's states go to positions base..base+depth,
+        where its tokens now are (a chain's path is its nodes in order)."""
+        assert block.host is not None
         if rows is None:  # every row: no gathers (small ops are what a pass costs at batch 1)
             rows, index, base = range(self.state.batch), torch.arange(hidden.shape[0], device=hidden.device), block.base
         else:
             index = torch.tensor(list(rows), device=hidden.device)
-            base, path, accepted, pending = block.base[index], path[index], accepted[index], pending[index]
+            base, path, pending = block.base[index], path[index], pending[index]
         states = hidden[:, :, 0].gather(1, path[:, :, None].expand(-1, -1, hidden.shape[-1]))
         slots = scratch_slots(base[:, None] + torch.arange(path.shape[1], device=path.device), self.cache_len)
         self.hidden[0, index[:, None], slots] = states
-        return self.draft(rows, base, base + accepted, pending)
+        starts = [block.host.base[r] for r in rows]
+        return self.draft(rows, starts, [s + accepted[r] for s, r in zip(starts, rows)], pending)
 
-    def draft(self, rows: Sequence[int], start: Tensor, last: Tensor, pending: Tensor) -> Tensor:
-        """Draft logits (R, depth, V) of `rows` whose head-1 states are new at start..last (R,)
-        and whose pending token (R,) sits at last + 1; runs heads 2..depth+1 one after another."""
+    def draft(self, rows: Sequence[int], starts: list[int], lasts: list[int], pending: Tensor) -> Tensor:
+        """Draft logits (R, depth, V) of `rows` whose head-1 states are new at positions
+        starts..lasts (per row, on the host) and whose pending token (R,) sits at last + 1; runs
+        heads 2..depth+1 one after another."""
         model, device = self.model, self.hidden.device
         R = len(rows)
-        index = torch.tensor(list(rows), device=device)
-        cache_rows = None if list(rows) == list(range(self.state.batch)) else index
-        arange_r = torch.arange(R, device=device)
+        every = list(rows) == list(range(self.state.batch))
         # Tokens x_{start+1} .. x_{last+1} (committed; the last is pending), then the drafts.
-        starts, lasts = start.tolist(), last.tolist()
         known = [self.tokens(r, s + 1, e + 1) for r, s, e in zip(rows, starts, lasts)]
         width = max(map(len, known)) + 1 + self.depth
         # One host-to-tensor copy per call, not one per row (small ops dominate a draft at this size).
         seq = torch.tensor([t + [0] * (width - len(t)) for t in known], dtype=torch.long, device=device)
-        n_known = torch.tensor([len(t) for t in known], device=device)
         # Every row at the same positions (always at batch 1): windows are slices, not gathers
         # (a dozen fewer small ops per head, which is what a draft costs at this size).
-        same = cache_rows is None and len(set(starts)) == 1 and len(set(lasts)) == 1
+        same = every and len(set(starts)) == 1 and len(set(lasts)) == 1
+        index, n_known = torch.tensor([list(rows), [len(t) for t in known]], device=device)
+        arange_r = torch.arange(R, device=device)
+        cache_rows = None if every else index
         seq[(slice(None), len(known[0])) if same else (arange_r, n_known)] = pending
         out = []
         for j in range(1, self.depth + 1):
@@ -390,7 +425,7 @@ class SequentialDrafter:
                 at_last: tuple[Any, ...] = (slice(None), lasts[0] - f0)
                 drafted: tuple[Any, ...] = (slice(None), len(known[0]) + j)
             else:
-                first = torch.tensor(firsts, device=device)  # (R,)
+                first, start, last = torch.tensor([firsts, starts, lasts], device=device)  # (R,) each
                 pos = first[:, None] + torch.arange(span, device=device)
                 slots = scratch_slots(pos, self.cache_len)
                 window = (index[:, None], slots)
@@ -408,18 +443,29 @@ class SequentialDrafter:
 
 def draft_tokens(draft_logits: Tensor, tree: DraftTree, tables: TreeTables) -> Tensor:
     """Candidate tokens (B, N-1) of the tree's nodes from heads 2..depth+1 logits (B, depth, V)."""
+    if tree.is_chain:  # each head's greedy token, as sequential heads were fed
+        return greedy_token(draft_logits)
     top = draft_logits.topk(max(tree.widths()), dim=-1).indices  # (B, depth, width)
     return top[:, tables.depth[1:] - 1, tables.rank[1:]]
 
 
-def accepted_node(nodes: Tensor, verdict: Tensor, block: Block, tables: TreeTables) -> Tensor:
-    """Deepest node whose whole path head 1 agrees with (B,); node 0 when no draft survives.
+def accepted_nodes(nodes: list[list[int]], verdict: list[list[int]], host: HostBlock,
+                   tables: TreeTables) -> list[int]:
+    """Per row, the deepest node whose whole path head 1 agrees with; node 0 when no draft
+    survives. `verdict[r][i]`: head 1's greedy token after node i.
 
     Siblings hold distinct tokens (ranks of one top-k), so at most one path can survive."""
-    match = block.useful & (nodes == verdict[:, tables.parent])
-    match[:, 0] = block.useful[:, 0]
-    survives = ~((~match)[:, None, :] & tables.ancestors).any(-1)
-    return (survives * (tables.depth + 1)).argmax(-1)
+    best = []
+    for nd, vd, us in zip(nodes, verdict, host.useful):
+        alive, b = [us[0]] + [False] * (len(nd) - 1), 0
+        for i in range(1, len(nd)):
+            p = tables.parents[i]  # every node comes after its parent
+            if us[i] and alive[p] and nd[i] == vd[p]:
+                alive[i] = True
+                if tables.depths[i] > tables.depths[b]:
+                    b = i
+        best.append(b)
+    return best
 
 
 def compact_path(model: MTPModel, block: Block, tables: TreeTables, best: Tensor, accepted: Tensor) -> None:
@@ -432,10 +478,6 @@ def compact_path(model: MTPModel, block: Block, tables: TreeTables, best: Tensor
     dst = torch.where(keep, base + levels, base)
     rows = torch.arange(best.numel(), device=best.device)[:, None]
     model.cache_move(rows, src, dst)
-
-
-def max_useful_depth(block: Block, tables: TreeTables) -> Tensor:
-    return (block.useful * tables.depth).amax(-1)
 
 
 # ----- greedy (chain or tree) -------------------------------------------------------------------
@@ -507,7 +549,7 @@ def start_decoder(model: MTPModel, prompts: list[list[int]], max_new_tokens: int
     state = RowState(prompts, limits, stop_tokens, batch_size)
     state.refill()
     cache_len = cache_length(prompts, limits, slack=tree.size, max_seq_len=model.cfg.max_seq_len)
-    dec = Decoder(model, tree, tree.tables(device), state, DraftStats(tree.depth, device), cache_len, on_tokens,
+    dec = Decoder(model, tree, tree.tables(device), state, DraftStats(tree.depth), cache_len, on_tokens,
                   drafter)
     if not state.active_rows():
         return dec, None
@@ -542,42 +584,50 @@ def refill_rows(dec: Decoder, pick: Pick, pending: Tensor, drafts: Tensor) -> tu
     return pending, drafts
 
 
-def commit_block(dec: Decoder, nodes: Tensor, best: Tensor, accepted: Tensor, final: Tensor) -> None:
-    """Commit each unfinished row's accepted path and its final (bonus or corrected) token."""
-    path_tokens = nodes.gather(1, dec.tables.path[best]).tolist()  # (B, depth+1), node 0 already out
-    counts, finals = accepted.tolist(), final.tolist()
+def commit_block(dec: Decoder, nodes: list[list[int]], best: list[int], final: list[int]) -> None:
+    """Commit each unfinished row's accepted path (drafts on the way to node `best`) and its
+    final (bonus or corrected) token."""
+    paths, depths = dec.tables.paths, dec.tables.depths
     rows = dec.state.active_rows()
-    commit_rows(dec.state, rows, [path_tokens[r][1 : counts[r] + 1] + [finals[r]] for r in rows], dec.on_tokens)
+    commit_rows(dec.state, rows, [[nodes[r][i] for i in paths[best[r]][1 : depths[best[r]] + 1]] + [final[r]]
+                                  for r in rows], dec.on_tokens)
 
 
 def greedy_step(dec: Decoder, pending: Tensor, draft_logits: Tensor) -> tuple[Tensor, Tensor]:
     """One verify pass; returns the next pending tokens (B,) and draft logits (B, depth, V)."""
     block = block_layout(dec.state, dec.tables, dec.cache_len)
+    host = block.host
+    assert host is not None
     head_drafts = draft_tokens(draft_logits, dec.tree, dec.tables) if dec.heads > 1 else None
     nodes = torch.cat([pending[:, None], dec.propose(head_drafts)], dim=1)
     live = active_subset(dec)
     index = None if live is None else torch.tensor(live, device=nodes.device)
     if index is None:
         z, hidden = verify_forward(dec.model, dec.tree, dec.tables, block, nodes)
-        verdict = greedy_token(dec.model.unembed(hidden[:, :, 0]))  # head 1: the greedy token after each node
     else:  # finished rows sit out; the others' logits are bitwise the same (batch-invariant passes)
         z, hidden = verify_forward(dec.model, dec.tree, dec.tables, block, nodes, rows=index)
-        verdict = nodes.clone()  # finished rows: any tokens (not useful, never committed)
-        verdict[index] = greedy_token(dec.model.unembed(hidden[:, :, 0]))
-    best = accepted_node(nodes, verdict, block, dec.tables)
-    accepted = dec.tables.depth[best]
-    rows = torch.arange(nodes.shape[0], device=nodes.device)
-    bonus = verdict[rows, best]
-    # Chain nodes come first (node index == depth): only paths leaving the top-1 chain move.
-    if not dec.tree.is_chain and bool(((best != accepted) & block.active).any()):
-        compact_path(dec.model, block, dec.tables, best, accepted)
-    dec.stats.update(accepted, max_useful_depth(block, dec.tables), block.active)
+    verdict = greedy_token(dec.model.unembed(hidden[:, :, 0]))  # head 1: the greedy token after each node
+    # One copy to the host decides acceptance, the statistics and the commit.
+    both = torch.cat([nodes, verdict]).tolist()
+    nodes_h, verdict_h = both[: len(pending)], both[len(pending):]
+    if live is not None:  # finished rows: any tokens (not useful, never committed)
+        verdict_h = [list(row) for row in nodes_h]
+        for i, r in enumerate(live):
+            verdict_h[r] = both[len(pending) + i]
+    best_h = accepted_nodes(nodes_h, verdict_h, host, dec.tables)
+    accepted_h = [dec.tables.depths[b] for b in best_h]
+    bonus_h = [v[b] for v, b in zip(verdict_h, best_h)]
+    dec.stats.update(accepted_h, host.max_depth(dec.tables), host.active)
     dec.state.count_forward()
-    commit_block(dec, nodes, best, accepted, bonus)
+    commit_block(dec, nodes_h, best_h, bonus_h)
+    bonus, best, accepted = torch.tensor([bonus_h, best_h, accepted_h], device=nodes.device)
+    # Chain nodes come first (node index == depth): only paths leaving the top-1 chain move.
+    if any(b != a and on for b, a, on in zip(best_h, accepted_h, host.active)):
+        compact_path(dec.model, block, dec.tables, best, accepted)
     if dec.heads == 1:  # prompt lookup alone: no draft heads to run
         return bonus, draft_logits
     if dec.sequential is not None:
-        drafted = dec.sequential.after_verify(block, dec.tables.path[best], hidden, accepted, bonus, live)
+        drafted = dec.sequential.after_verify(block, dec.tables.path[best], hidden, accepted_h, bonus, live)
         if index is None:
             return bonus, drafted
         draft_logits[index] = drafted  # in place, as refill_rows does; finished rows' stale drafts go unused
@@ -716,15 +766,19 @@ def sampling_step(dec: Decoder, sampling: Sampling, pending: Tensor, q: Tensor,
     nodes = torch.cat([pending[:, None], drafts], dim=1)
     z, hidden = verify_forward(dec.model, dec.tree, dec.tables, block, nodes)
     p = sampling.probs(dec.model.unembed(hidden[:, :, 0]))
-    max_depth = max_useful_depth(block, dec.tables)
-    accepted, final = rejection_step(p, q, drafts, block.useful[:, 1:], max_depth, generator)
-    dec.stats.update(accepted, max_depth, block.active)
+    assert block.host is not None
+    max_depth = block.host.max_depth(dec.tables)
+    accepted, final = rejection_step(p, q, drafts, block.useful[:, 1:],
+                                     torch.tensor(max_depth, device=p.device), generator)
+    accepted_h = accepted.tolist()
+    dec.stats.update(accepted_h, max_depth, block.host.active)
     dec.state.count_forward()
-    commit_block(dec, nodes, accepted, accepted, final)  # in a chain, node index == depth
+    commit_block(dec, nodes.tolist(), accepted_h, final.tolist())  # in a chain, node index == depth
     if dec.sequential is not None:
         # Each sequential head drafts after the previous head's greedy token, not its sample:
         # q_j is still fixed before draft j is drawn, which is all the rejection rule needs.
-        return final, sampling.probs(dec.sequential.after_verify(block, dec.tables.path[accepted], hidden, accepted, final))
+        return final, sampling.probs(dec.sequential.after_verify(block, dec.tables.path[accepted], hidden,
+                                                                 accepted_h, final))
     drafts = draft_hidden(dec, block, z, hidden, accepted, accepted)
     return final, sampling.probs(dec.model.draft_unembed(drafts))
 
