@@ -339,9 +339,10 @@ class SequentialDrafter:
     takes head j's top candidates below every node of depth j-1 (as for parallel heads); after
     the pass the accepted path's states are moved to consecutive positions (`after_verify`)."""
 
-    def __init__(self, model: MTPModel, state: RowState, depth: int, batch: int, cache_len: int) -> None:
+    def __init__(self, model: MTPModel, state: RowState, depth: int, batch: int, cache_len: int,
+                 chain: bool = True) -> None:
         param = next(model.parameters())
-        self.model, self.state, self.depth, self.cache_len = model, state, depth, cache_len
+        self.model, self.state, self.depth, self.cache_len, self.chain = model, state, depth, cache_len, chain
         # hidden[j]: head j+1's outputs per (row, position), read by head j+2 (heads 1..depth).
         self.hidden = torch.zeros(depth, batch, cache_len, model.cfg.dim, dtype=param.dtype, device=param.device)
         self.positions = torch.arange(cache_len, device=param.device)
@@ -380,15 +381,23 @@ class SequentialDrafter:
         and the new pending tokens (B,). The path's states go to positions base..base+depth,
         where its tokens now are (a chain's path is its nodes in order)."""
         assert block.host is not None
-        if rows is None:  # every row: no gathers (small ops are what a pass costs at batch 1)
-            rows, index, base = range(self.state.batch), torch.arange(hidden.shape[0], device=hidden.device), block.base
+        every = rows is None
+        rows = range(self.state.batch) if rows is None else rows
+        starts = [block.host.base[r] for r in rows]
+        if self.chain:  # node i sits at depth i: its state goes to position base + i (past the path: padding)
+            states = hidden[:, :, 0]
+        else:
+            states = hidden[:, :, 0].gather(1, (path if every else path[list(rows)])[:, :, None].expand(
+                -1, -1, hidden.shape[-1]))
+        n = states.shape[1]
+        if every and len(set(starts)) == 1 and starts[0] + n <= self.cache_len:  # one slice (always at batch 1)
+            self.hidden[0, :, starts[0] : starts[0] + n] = states
         else:
             index = torch.tensor(list(rows), device=hidden.device)
-            base, path, pending = block.base[index], path[index], pending[index]
-        states = hidden[:, :, 0].gather(1, path[:, :, None].expand(-1, -1, hidden.shape[-1]))
-        slots = scratch_slots(base[:, None] + torch.arange(path.shape[1], device=path.device), self.cache_len)
-        self.hidden[0, index[:, None], slots] = states
-        starts = [block.host.base[r] for r in rows]
+            slots = scratch_slots(block.base[index][:, None] + torch.arange(n, device=hidden.device), self.cache_len)
+            self.hidden[0, index[:, None], slots] = states
+        if not every:
+            pending = pending[list(rows)]
         return self.draft(rows, starts, [s + accepted[r] for s, r in zip(starts, rows)], pending)
 
     def draft(self, rows: Sequence[int], starts: list[int], lasts: list[int], pending: Tensor) -> Tensor:
@@ -406,10 +415,14 @@ class SequentialDrafter:
         # Every row at the same positions (always at batch 1): windows are slices, not gathers
         # (a dozen fewer small ops per head, which is what a draft costs at this size).
         same = every and len(set(starts)) == 1 and len(set(lasts)) == 1
-        index, n_known = torch.tensor([list(rows), [len(t) for t in known]], device=device)
-        arange_r = torch.arange(R, device=device)
-        cache_rows = None if every else index
-        seq[(slice(None), len(known[0])) if same else (arange_r, n_known)] = pending
+
+        def row_tables() -> tuple[Tensor, Tensor, Tensor]:  # what gathers need: rows, tokens known, 0..R-1
+            index, n_known = torch.tensor([list(rows), [len(t) for t in known]], device=device)
+            return index, n_known, torch.arange(R, device=device)
+
+        gathers = None if same else row_tables()
+        cache_rows = None if gathers is None or every else gathers[0]
+        seq[(slice(None), len(known[0])) if gathers is None else (gathers[2], gathers[1])] = pending
         out = []
         for j in range(1, self.depth + 1):
             firsts = [max(s - (j - 1), 0) for s in starts]
@@ -425,6 +438,7 @@ class SequentialDrafter:
                 at_last: tuple[Any, ...] = (slice(None), lasts[0] - f0)
                 drafted: tuple[Any, ...] = (slice(None), len(known[0]) + j)
             else:
+                index, n_known, arange_r = gathers = gathers or row_tables()
                 first, start, last = torch.tensor([firsts, starts, lasts], device=device)  # (R,) each
                 pos = first[:, None] + torch.arange(span, device=device)
                 slots = scratch_slots(pos, self.cache_len)
@@ -557,7 +571,7 @@ def start_decoder(model: MTPModel, prompts: list[list[int]], max_new_tokens: int
         model.extend_shared_head(tree.depth)
     setup_decode_cache(model, state.batch, cache_len)
     if sequential:
-        dec.sequential = SequentialDrafter(model, state, tree.depth, state.batch, cache_len)
+        dec.sequential = SequentialDrafter(model, state, tree.depth, state.batch, cache_len, tree.is_chain)
     return dec, dec.prefill(range(state.batch))
 
 
