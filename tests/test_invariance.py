@@ -151,6 +151,30 @@ def test_other_head_types_are_exact_in_bf16(head_type):
     assert tree_generate(model, ps, n).tokens == alone
 
 
+@pytest.mark.parametrize("head_type", ["parallel", "causal", "linear", "anticausal"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_finished_rows_sit_out_with_every_head_type(monkeypatch, head_type, dtype):
+    # Once some rows have finished, a verify pass and the draft heads after it run only the
+    # others, in their own cache rows: every prompt still gets its tokens decoded alone, and the
+    # passes really do shrink (sequential heads: tests/test_sequential.py).
+    import mtp.speculative as spec
+    model, ps, n = varied_model(dtype=DTYPES[dtype], head_type=head_type), prompts(seed=3, count=3), 24
+    stop = {generate(model, [ps[1]], n).tokens[0][4]}  # row 2 stops early (at its 5th token, or before)
+    alone = [generate(model, [p], n, stop_tokens=stop).tokens[0] for p in ps]
+    assert min(map(len, alone)) < n
+    verify, sizes = spec.verify_forward, []
+
+    def counting(model_, tree, tables, block, nodes, rows=None):
+        sizes.append(nodes.shape[0] if rows is None else rows.numel())
+        return verify(model_, tree, tables, block, nodes, rows)
+
+    monkeypatch.setattr(spec, "verify_forward", counting)
+    for run in (partial(speculative_generate, k=3), partial(tree_generate, tree=(2, 2, 1))):
+        sizes.clear()
+        assert run(model, ps, n, stop_tokens=stop).tokens == alone
+        assert max(sizes) == 3 and min(sizes) < 3, sizes
+
+
 def test_prompt_lookup_on_a_one_head_model_equals_greedy_and_accepts_repeats():
     # A model with no draft heads: prompt lookup is its only drafter. Prompts that repeat a
     # pattern give the lookup something to find; fp32 and bf16 both stay exact.

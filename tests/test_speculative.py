@@ -52,10 +52,10 @@ class StubModel(nn.Module):
     hidden = forward
 
     def trunk_and_heads(self, tokens: Tensor, input_pos: Tensor | None = None, *, slots=None, mask=None,
-                        heads: int | None = None) -> tuple[Tensor, Tensor]:
+                        heads: int | None = None, rows=None) -> tuple[Tensor, Tensor]:
         return tokens[..., None].float(), self.forward(tokens, input_pos, heads=heads)
 
-    def later_heads(self, z: Tensor, done, input_pos: Tensor, heads: int, slots=None) -> Tensor:
+    def later_heads(self, z: Tensor, done, input_pos: Tensor, heads: int, slots=None, rows=None) -> Tensor:
         return self.table[len(done):heads, input_pos].permute(1, 2, 0, 3)
 
     def unembed(self, h: Tensor) -> Tensor:

@@ -1212,18 +1212,19 @@ class MTPModel(nn.Module):
         return z, torch.stack(self.head_hidden(z, rope, ctx, heads, tokens=tokens), dim=2)
 
     def later_heads(self, z: Tensor, done: Sequence[Tensor], input_pos: Tensor, heads: int,
-                    slots: Tensor | None = None) -> Tensor:
+                    slots: Tensor | None = None, rows: Tensor | None = None) -> Tensor:
         """Cached forward of heads len(done)+1..heads on trunk outputs z (B, T, dim) already
         computed at input_pos (causal mask), given the earlier heads' outputs `done`; returns
         (B, T, heads - len(done), dim). Speculative decoding verifies with head 1 at every draft
-        node and runs the draft heads afterwards on the accepted tokens only."""
-        if self.compiled is not None:
+        node and runs the draft heads afterwards on the accepted tokens only. `rows` (B,): the
+        cache rows of z's rows (default 0..B-1; eager only)."""
+        if self.compiled is not None and rows is None:
             return self.compiled.later_heads(self, z, list(done), input_pos, heads, slots)
-        return self._later_heads(z, done, input_pos, heads, slots)
+        return self._later_heads(z, done, input_pos, heads, slots, rows)
 
     def _later_heads(self, z: Tensor, done: Sequence[Tensor], input_pos: Tensor, heads: int,
-                     slots: Tensor | None = None) -> Tensor:
-        ctx = self.cache_context(z[..., 0], input_pos, slots, None, dense=self.drafts_only(len(done)))
+                     slots: Tensor | None = None, rows: Tensor | None = None) -> Tensor:
+        ctx = self.cache_context(z[..., 0], input_pos, slots, None, rows, dense=self.drafts_only(len(done)))
         if self.draft_stack is not None and len(done) == 1 and heads == self.cfg.n_future:
             return self.draft_stack(z, self.rope(input_pos), ctx)
         outs = self.head_hidden(z, self.rope(input_pos), ctx, heads, done)

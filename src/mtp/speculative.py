@@ -245,6 +245,10 @@ class HostBlock:
     useful: list[list[bool]]
     active: list[bool]
 
+    def path_length(self, accepted: Sequence[int]) -> int:
+        """Tokens on the longest accepted path of an unfinished row (the chosen token and its drafts)."""
+        return 1 + max((a for a, on in zip(accepted, self.active) if on), default=0)
+
     def max_depth(self, tables: TreeTables) -> list[int]:
         """Deepest draft each row could accept (0 when none)."""
         return [max((d for d, u in zip(tables.depths, us) if u), default=0) for us in self.useful]
@@ -300,25 +304,29 @@ def verify_forward(model: MTPModel, tree: DraftTree, tables: TreeTables, block: 
                                  mask=None if mask is None else mask[rows], heads=heads, rows=rows)
 
 
-def draft_hidden(dec: "Decoder", block: Block, z: Tensor, hidden: Tensor, best: Tensor, accepted: Tensor) -> Tensor:
-    """Heads 2..depth+1 at each row's accepted node (B, depth, dim), the next step's drafts.
+def draft_hidden(dec: "Decoder", block: Block, z: Tensor, hidden: Tensor, best: Tensor, accepted: Tensor,
+                 length: int, index: Tensor | None = None) -> Tensor:
+    """Heads 2..depth+1 at each row's accepted node (R, depth, dim), the next step's drafts;
+    `index` (R,): the batch rows that z, hidden (R, N, ...) hold (default: all); best and
+    accepted (B,); `length`: the longest accepted path, in tokens.
 
     Runs those heads over the accepted path (the chosen token and the accepted drafts, already in
     consecutive cache slots) so their caches hold exactly the committed tokens; rows with a
     shorter path pad with positions their next pass overwrites before any query can see them.
     Callers unembed the result: at a small model the unembedding is the largest matmul."""
+    base = block.base
+    if index is not None:
+        base, best, accepted = base[index], best[index], accepted[index]
     rows = torch.arange(z.shape[0], device=z.device)
     if hidden.shape[2] > 1:  # anticausal: every head ran at every node
         return hidden[rows, best, 1:]
     if is_compiled(dec.model):  # one shape per batch: the longest path, every time
         length = dec.tree.depth + 1
-    else:
-        length = int(accepted[block.active].max()) + 1 if bool(block.active.any()) else 1
-    path = dec.tables.path[best][:, :length]  # (B, L) nodes of the accepted path (padded with the last)
+    path = dec.tables.path[best][:, :length]  # (R, L) nodes of the accepted path (padded with the last)
     gather = path[:, :, None].expand(-1, -1, z.shape[-1])
-    positions = block.base[:, None] + torch.arange(length, device=z.device)
+    positions = base[:, None] + torch.arange(length, device=z.device)
     out = dec.model.later_heads(z.gather(1, gather), [hidden[:, :, 0].gather(1, gather)], positions,
-                                dec.tree.depth + 1, slots=scratch_slots(positions, dec.cache_len))
+                                dec.tree.depth + 1, slots=scratch_slots(positions, dec.cache_len), rows=index)
     return out[rows, accepted.clamp(max=length - 1)]
 
 
@@ -646,20 +654,20 @@ def greedy_step(dec: Decoder, pending: Tensor, draft_logits: Tensor) -> tuple[Te
             return bonus, drafted
         draft_logits[index] = drafted  # in place, as refill_rows does; finished rows' stale drafts go unused
         return bonus, draft_logits
-    drafts = draft_hidden(dec, block, z, hidden, best, accepted)
-    return bonus, dec.model.draft_unembed(drafts)
+    drafted = dec.model.draft_unembed(draft_hidden(dec, block, z, hidden, best, accepted,
+                                                   host.path_length(accepted_h), index))
+    if index is None:
+        return bonus, drafted
+    draft_logits[index] = drafted
+    return bonus, draft_logits
 
 
 def active_subset(dec: Decoder) -> list[int] | None:
     """The batch rows still decoding, when some have finished and a greedy verify pass can leave
-    the others out (eager passes; heads that draft from head 1's states alone or no heads:
-    sequential heads or prompt lookup; speculative sampling keeps full passes); None: the pass
-    runs every row. Finished rows then cost nothing while the
-    slowest rows of a batch finish."""
+    the others out (eager passes; speculative sampling keeps full passes); None: the pass runs
+    every row. Finished rows then cost nothing while the slowest rows of a batch finish."""
     live = dec.state.active_rows()
     if len(live) == dec.state.batch or is_compiled(dec.model):
-        return None
-    if dec.sequential is None and dec.heads > 1:  # parallel/causal heads draft from every row's z
         return None
     return live
 
@@ -793,7 +801,7 @@ def sampling_step(dec: Decoder, sampling: Sampling, pending: Tensor, q: Tensor,
         # q_j is still fixed before draft j is drawn, which is all the rejection rule needs.
         return final, sampling.probs(dec.sequential.after_verify(block, dec.tables.path[accepted], hidden,
                                                                  accepted_h, final))
-    drafts = draft_hidden(dec, block, z, hidden, accepted, accepted)
+    drafts = draft_hidden(dec, block, z, hidden, accepted, accepted, block.host.path_length(accepted_h))
     return final, sampling.probs(dec.model.draft_unembed(drafts))
 
 
