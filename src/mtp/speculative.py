@@ -241,6 +241,8 @@ class Block:
 
 @dataclass
 class HostBlock:
+    """A Block's base, useful and active on the host, where acceptance is decided."""
+
     base: list[int]
     useful: list[list[bool]]
     active: list[bool]
