@@ -205,7 +205,7 @@ def test_tree_mask_sees_prefix_ancestors_and_self():
     base = torch.tensor([3])
     slots = base[:, None] + torch.arange(5)
     block = Block(base, base[:, None] + tables.depth, slots, torch.ones(1, 5, dtype=torch.bool),
-                  torch.ones(1, dtype=torch.bool))
+                  torch.ones(1, dtype=torch.bool), HostBlock([3], [[True] * 5], [True]))
     mask = tree_mask(block, tables.ancestors, 10)[0].int()
     assert mask[4].tolist() == [1, 1, 1, 1, 0, 0, 1, 1, 0, 0]  # prefix 0..2, root 3, node 3 (slot 6), itself
     assert mask[2].tolist() == [1, 1, 1, 1, 1, 1, 0, 0, 0, 0]

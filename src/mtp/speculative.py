@@ -228,18 +228,6 @@ class DraftStats:
 
 # ----- one verify pass --------------------------------------------------------------------------
 @dataclass
-class Block:
-    """Where the nodes of one verify pass go, per row."""
-
-    base: Tensor  # (B,) position of the chosen (pending) token
-    positions: Tensor  # (B, N) RoPE positions: base + depth
-    slots: Tensor  # (B, N) cache slots: base + node index (scratch slot when past the cache)
-    useful: Tensor  # (B, N) nodes that may be accepted: row unfinished, depth within its budget, slot in the cache
-    active: Tensor  # (B,)
-    host: "HostBlock | None" = None  # the same on the host (`block_layout`)
-
-
-@dataclass
 class HostBlock:
     """A Block's base, useful and active on the host, where acceptance is decided."""
 
@@ -254,6 +242,18 @@ class HostBlock:
     def max_depth(self, tables: TreeTables) -> list[int]:
         """Deepest draft each row could accept (0 when none)."""
         return [max((d for d, u in zip(tables.depths, us) if u), default=0) for us in self.useful]
+
+
+@dataclass
+class Block:
+    """Where the nodes of one verify pass go, per row."""
+
+    base: Tensor  # (B,) position of the chosen (pending) token
+    positions: Tensor  # (B, N) RoPE positions: base + depth
+    slots: Tensor  # (B, N) cache slots: base + node index (scratch slot when past the cache)
+    useful: Tensor  # (B, N) nodes that may be accepted: row unfinished, depth within its budget, slot in the cache
+    active: Tensor  # (B,)
+    host: HostBlock  # base, useful and active on the host (`block_layout`)
 
 
 def block_layout(state: RowState, tables: TreeTables, cache_len: int) -> Block:
@@ -350,9 +350,10 @@ class SequentialDrafter:
     the pass the accepted path's states are moved to consecutive positions (`after_verify`)."""
 
     def __init__(self, model: MTPModel, state: RowState, depth: int, batch: int, cache_len: int,
-                 chain: bool = True) -> None:
+                 tree_path: Tensor | None = None) -> None:
         param = next(model.parameters())
-        self.model, self.state, self.depth, self.cache_len, self.chain = model, state, depth, cache_len, chain
+        self.model, self.state, self.depth, self.cache_len = model, state, depth, cache_len
+        self.tree_path = tree_path  # `TreeTables.path` of a tree; None for a chain (node i at depth i)
         # hidden[j]: head j+1's outputs per (row, position), read by head j+2 (heads 1..depth).
         self.hidden = torch.zeros(depth, batch, cache_len, model.cfg.dim, dtype=param.dtype, device=param.device)
         self.positions = torch.arange(cache_len, device=param.device)
@@ -383,22 +384,20 @@ class SequentialDrafter:
         drafts = self.draft(rows, [0] * len(rows), last.tolist(), greedy_token(first))
         return torch.cat([first[:, None], drafts], dim=1)
 
-    def after_verify(self, block: Block, path: Tensor, hidden: Tensor, accepted: Sequence[int], pending: Tensor,
+    def after_verify(self, block: Block, best: Tensor, hidden: Tensor, accepted: Sequence[int], pending: Tensor,
                      rows: Sequence[int] | None = None) -> Tensor:
         """Draft logits (R, depth, V) after a verify pass with head-1 states `hidden` (R, N, 1, dim)
-        at its nodes, for the batch rows `rows` (default: all, R = B); `path` (B, depth+1) the
-        nodes of each row's accepted path (`TreeTables.path`), `accepted` drafts (B, on the host)
-        and the new pending tokens (B,). The path's states go to positions base..base+depth,
-        where its tokens now are (a chain's path is its nodes in order)."""
-        assert block.host is not None
+        at its nodes, for the batch rows `rows` (default: all, R = B); `best` (B,) each row's
+        accepted node, `accepted` drafts (B, on the host) and the new pending tokens (B,). The
+        accepted path's states go to positions base..base+depth, where its tokens now are."""
         every = rows is None
         rows = range(self.state.batch) if rows is None else rows
         starts = [block.host.base[r] for r in rows]
-        if self.chain:  # node i sits at depth i: its state goes to position base + i (past the path: padding)
+        if self.tree_path is None:  # chain: node i's state goes to position base + i (past the path: padding)
             states = hidden[:, :, 0]
         else:
-            states = hidden[:, :, 0].gather(1, (path if every else path[list(rows)])[:, :, None].expand(
-                -1, -1, hidden.shape[-1]))
+            path = self.tree_path[best if every else best[list(rows)]]  # (R, depth+1) nodes of the accepted path
+            states = hidden[:, :, 0].gather(1, path[:, :, None].expand(-1, -1, hidden.shape[-1]))
         n = states.shape[1]
         if every and len(set(starts)) == 1 and starts[0] + n <= self.cache_len:  # one slice (always at batch 1)
             self.hidden[0, :, starts[0] : starts[0] + n] = states
@@ -581,7 +580,8 @@ def start_decoder(model: MTPModel, prompts: list[list[int]], max_new_tokens: int
         model.extend_shared_head(tree.depth)
     setup_decode_cache(model, state.batch, cache_len)
     if sequential:
-        dec.sequential = SequentialDrafter(model, state, tree.depth, state.batch, cache_len, tree.is_chain)
+        dec.sequential = SequentialDrafter(model, state, tree.depth, state.batch, cache_len,
+                                          None if tree.is_chain else dec.tables.path)
     return dec, dec.prefill(range(state.batch))
 
 
@@ -621,7 +621,6 @@ def greedy_step(dec: Decoder, pending: Tensor, draft_logits: Tensor) -> tuple[Te
     """One verify pass; returns the next pending tokens (B,) and draft logits (B, depth, V)."""
     block = block_layout(dec.state, dec.tables, dec.cache_len)
     host = block.host
-    assert host is not None
     head_drafts = draft_tokens(draft_logits, dec.tree, dec.tables) if dec.heads > 1 else None
     nodes = torch.cat([pending[:, None], dec.propose(head_drafts)], dim=1)
     live = active_subset(dec)
@@ -635,7 +634,7 @@ def greedy_step(dec: Decoder, pending: Tensor, draft_logits: Tensor) -> tuple[Te
     both = torch.cat([nodes, verdict]).tolist()
     nodes_h, verdict_h = both[: len(pending)], both[len(pending):]
     if live is not None:  # finished rows: any tokens (not useful, never committed)
-        verdict_h = [list(row) for row in nodes_h]
+        verdict_h = list(nodes_h)
         for i, r in enumerate(live):
             verdict_h[r] = both[len(pending) + i]
     best_h = accepted_nodes(nodes_h, verdict_h, host, dec.tables)
@@ -646,12 +645,12 @@ def greedy_step(dec: Decoder, pending: Tensor, draft_logits: Tensor) -> tuple[Te
     commit_block(dec, nodes_h, best_h, bonus_h)
     bonus, best, accepted = torch.tensor([bonus_h, best_h, accepted_h], device=nodes.device)
     # Chain nodes come first (node index == depth): only paths leaving the top-1 chain move.
-    if any(b != a and on for b, a, on in zip(best_h, accepted_h, host.active)):
+    if not dec.tree.is_chain and any(b != a and on for b, a, on in zip(best_h, accepted_h, host.active)):
         compact_path(dec.model, block, dec.tables, best, accepted)
     if dec.heads == 1:  # prompt lookup alone: no draft heads to run
         return bonus, draft_logits
     if dec.sequential is not None:
-        drafted = dec.sequential.after_verify(block, dec.tables.path[best], hidden, accepted_h, bonus, live)
+        drafted = dec.sequential.after_verify(block, best, hidden, accepted_h, bonus, live)
         if index is None:
             return bonus, drafted
         draft_logits[index] = drafted  # in place, as refill_rows does; finished rows' stale drafts go unused
@@ -790,7 +789,6 @@ def sampling_step(dec: Decoder, sampling: Sampling, pending: Tensor, q: Tensor,
     nodes = torch.cat([pending[:, None], drafts], dim=1)
     z, hidden = verify_forward(dec.model, dec.tree, dec.tables, block, nodes)
     p = sampling.probs(dec.model.unembed(hidden[:, :, 0]))
-    assert block.host is not None
     max_depth = block.host.max_depth(dec.tables)
     accepted, final = rejection_step(p, q, drafts, block.useful[:, 1:],
                                      torch.tensor(max_depth, device=p.device), generator)
@@ -801,8 +799,7 @@ def sampling_step(dec: Decoder, sampling: Sampling, pending: Tensor, q: Tensor,
     if dec.sequential is not None:
         # Each sequential head drafts after the previous head's greedy token, not its sample:
         # q_j is still fixed before draft j is drawn, which is all the rejection rule needs.
-        return final, sampling.probs(dec.sequential.after_verify(block, dec.tables.path[accepted], hidden,
-                                                                 accepted_h, final))
+        return final, sampling.probs(dec.sequential.after_verify(block, accepted, hidden, accepted_h, final))
     drafts = draft_hidden(dec, block, z, hidden, accepted, accepted, block.host.path_length(accepted_h))
     return final, sampling.probs(dec.model.draft_unembed(drafts))
 
